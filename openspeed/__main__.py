@@ -1,0 +1,3 @@
+from openspeed.cli import main
+
+raise SystemExit(main())
