@@ -1,0 +1,109 @@
+"""The one place that answers device questions: which device, which collective backend, RNG,
+memory statistics and synchronisation. No other module touches ``torch.cuda`` or ``torch_npu``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    device_type: str  # "cpu" | "cuda" | "npu"
+    backend: str  # "gloo" | "nccl" | "hccl"
+
+    @property
+    def device(self) -> torch.device:
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        return torch.device(self.device_type, local_rank())
+
+    def set_device(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.set_device(local_rank())
+        elif self.device_type == "npu":
+            torch.npu.set_device(local_rank())  # type: ignore[attr-defined]
+
+    def synchronize(self) -> None:
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+        elif self.device_type == "npu":
+            torch.npu.synchronize()  # type: ignore[attr-defined]
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+        if self.device_type == "cuda":
+            torch.cuda.manual_seed_all(seed)
+
+    def rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device_type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device_type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"])
+
+    def max_memory_allocated(self) -> int:
+        """Peak bytes allocated on the device (0 on the CPU, where the host is the device)."""
+        if self.device_type == "cuda":
+            return torch.cuda.max_memory_allocated()
+        if self.device_type == "npu":
+            return torch.npu.max_memory_allocated()  # type: ignore[attr-defined]
+        return 0
+
+    def autocast(self, precision: str):
+        """Autocast context for ``precision`` ("fp32" gives a no-op context)."""
+        if precision == "bf16":
+            return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device_type, enabled=False)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@functools.cache
+def get_accelerator() -> Accelerator:
+    """Pick the device: ``OPENSPEED_DEVICE`` if set, else CUDA, else NPU (when torch_npu imports), else CPU."""
+    forced = os.environ.get("OPENSPEED_DEVICE")
+    if forced:
+        return Accelerator(forced, {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[forced])
+    if torch.cuda.is_available():
+        return Accelerator("cuda", "nccl")
+    if importlib.util.find_spec("torch_npu") is not None:
+        try:
+            import torch_npu  # noqa: F401
+
+            if torch.npu.is_available():  # type: ignore[attr-defined]
+                return Accelerator("npu", "hccl")
+        except Exception:  # a broken torch_npu install falls back to the CPU
+            pass
+    return Accelerator("cpu", "gloo")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise the default process group (world size 1 outside a launcher). Returns (rank, world)."""
+    acc = get_accelerator()
+    acc.set_device()
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        dist.init_process_group(backend=acc.backend)
+    else:
+        # One process: an in-memory store is enough, and DCP/DeviceMesh code paths stay the same.
+        dist.init_process_group(backend=acc.backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,204 @@
+"""``openspeed`` command line: train | data.
+
+Everything a user can get wrong is checked before torch is imported and reported as one line on
+stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from openspeed.errors import OpenSpeedError
+
+USAGE = """usage: openspeed <command> ...
+
+commands:
+  train CONFIG [--nproc N] [key=value ...]   train a model (see docs/config.md)
+  data shapes --out DIR [--num N]             write the synthetic shapes VQA set and a tiny model dir
+"""
+
+EXIT_USER_ERROR = 2
+ERROR_FILE_ENV = "OPENSPEED_ERROR_FILE"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(USAGE, end="")
+            return 0 if argv else EXIT_USER_ERROR
+        command, rest = argv[0], argv[1:]
+        if command == "train":
+            return cmd_train(rest)
+        if command == "data":
+            return cmd_data(rest)
+        raise OpenSpeedError(f"unknown command '{command}' (commands: train, data)")
+    except OpenSpeedError as exc:
+        report_user_error(str(exc))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def report_user_error(message: str) -> None:
+    """Print the one-line error; inside a launched worker, hand it to the launcher instead."""
+    line = " ".join(message.split())
+    error_file = os.environ.get(ERROR_FILE_ENV)
+    rank = int(os.environ.get("RANK", "0"))
+    if error_file:
+        with open(f"{error_file}.{rank}", "w", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        return
+    if rank == 0:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def parse_train_args(args: list[str]) -> tuple[str, int | None, list[str]]:
+    """Split ``CONFIG [options] [key=value ...]`` (options and overrides in any order)."""
+    from openspeed.config import FLAG_ALIASES
+
+    if not args or args[0].startswith("-"):
+        raise OpenSpeedError("usage: openspeed train CONFIG [--nproc N] [key=value ...]")
+    config_path, rest = args[0], args[1:]
+    nproc: int | None = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if item.startswith("--"):
+            name, eq, value = item.partition("=")
+            if not eq:
+                if i + 1 >= len(rest):
+                    raise OpenSpeedError(f"option {name} needs a value")
+                value = rest[i + 1]
+                i += 1
+            if name == "--nproc":
+                if not value.isdigit() or int(value) < 1:
+                    raise OpenSpeedError(f"--nproc: expected a positive integer, got '{value}'")
+                nproc = int(value)
+            elif name in FLAG_ALIASES:
+                overrides.append(f"{FLAG_ALIASES[name]}={value}")
+            else:
+                raise OpenSpeedError(f"unknown option {name}")
+        elif "=" in item:
+            overrides.append(item)
+        else:
+            raise OpenSpeedError(f"unexpected argument '{item}' (overrides look like section.key=value)")
+        i += 1
+    return config_path, nproc, overrides
+
+
+def under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def cmd_train(args: list[str]) -> int:
+    from openspeed.config import load_config, resolve_layout
+
+    config_path, nproc, overrides = parse_train_args(args)
+    cfg = load_config(config_path, overrides)
+    if under_launcher():
+        world_size = int(os.environ["WORLD_SIZE"])
+        if nproc is not None and nproc != int(os.environ.get("LOCAL_WORLD_SIZE", world_size)):
+            raise OpenSpeedError(f"--nproc {nproc} differs from the launcher's {world_size} processes")
+    else:
+        world_size = nproc or 1
+    resolve_layout(cfg, world_size)
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("OPENSPEED_DATA_READY"):
+        prepare_data(cfg)
+    check_paths(cfg)
+
+    if world_size > 1 and not under_launcher():
+        return launch(world_size, [config_path, *overrides])
+
+    from openspeed.training.trainer import run_training
+
+    run_training(cfg)
+    return 0
+
+
+def prepare_data(cfg) -> None:
+    """Make the synthetic data a config asks for, once, before any worker starts."""
+    if cfg.data.generate != "shapes" or os.path.exists(cfg.data.train_path):
+        return
+    out_dir = cfg.data.generate_dir or os.path.dirname(os.path.abspath(cfg.data.train_path))
+    print(f"generating the shapes demo set ({cfg.data.generate_num} samples) in {out_dir}", file=sys.stderr)
+    from openspeed.data.shapes import make_shapes_dataset
+
+    make_shapes_dataset(out_dir, num=cfg.data.generate_num, seed=0)
+
+
+def check_paths(cfg) -> None:
+    from openspeed.errors import ConfigError
+
+    if not cfg.data.train_path:
+        raise ConfigError("data.train_path: not set")
+    if not os.path.isfile(cfg.data.train_path):
+        raise ConfigError(f"data.train_path: file not found: {cfg.data.train_path}")
+    if cfg.data.val_path and not os.path.isfile(cfg.data.val_path):
+        raise ConfigError(f"data.val_path: file not found: {cfg.data.val_path}")
+    if not cfg.model.path:
+        raise ConfigError("model.path: not set")
+    if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise ConfigError(f"model.path: no config.json in {cfg.model.path}")
+    resume = cfg.train.resume
+    if resume not in ("auto", "none") and not os.path.isdir(resume):
+        raise ConfigError(f"train.resume: checkpoint directory not found: {resume}")
+
+
+def launch(nproc: int, worker_args: list[str]) -> int:
+    """Run ``nproc`` workers of ``python -m openspeed train ...`` under torch's elastic launcher."""
+    import logging
+    import tempfile
+
+    from openspeed.distributed.launch import run_workers
+
+    with tempfile.TemporaryDirectory(prefix="openspeed-") as tmp:
+        error_file = os.path.join(tmp, "error")
+        env = {ERROR_FILE_ENV: error_file, "OPENSPEED_DATA_READY": "1"}
+        logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
+        exit_code = run_workers(nproc, [sys.executable, "-m", "openspeed", "train", *worker_args], env)
+        if exit_code == 0:
+            return 0
+        messages = sorted(f for f in os.listdir(tmp) if f.startswith("error."))
+        if messages:
+            with open(os.path.join(tmp, messages[0]), encoding="utf-8") as fh:
+                print(f"error: {fh.readline().strip()}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
+        print(f"error: a training process failed (exit code {exit_code}); its output is above", file=sys.stderr)
+        return 1
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_data(args: list[str]) -> int:
+    parser = _ArgParser(prog="openspeed data")
+    sub = parser.add_subparsers(dest="what", required=True)
+    shapes = sub.add_parser("shapes", help="synthetic shapes VQA set plus a tiny model dir")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--num", type=int, default=2000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--image-size", type=int, default=112)
+    ns = parser.parse_args(args)
+    if ns.what == "shapes":
+        if ns.num < 2:
+            raise OpenSpeedError(f"--num: need at least 2 samples, got {ns.num}")
+        from openspeed.data.shapes import make_shapes_dataset
+
+        make_shapes_dataset(ns.out, num=ns.num, seed=ns.seed, image_size=ns.image_size)
+        print(f"wrote {ns.num} samples and a tiny model directory to {ns.out}")
+    return 0
+
+
+class _ArgParser(argparse.ArgumentParser):
+    """argparse that reports a one-line OpenSpeedError instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise OpenSpeedError(f"{self.prog}: {message}")

@@ -1,0 +1,42 @@
+"""Data parallelism through FSDP2 (``fully_shard``): ZeRO-3 / ZeRO-2 over ``dp_shard``, replication
+over ``dp_replicate`` (HSDP when both are > 1, DDP-like when only ``dp_replicate`` is)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    blocks: Iterable[nn.Module],
+    zero_stage: int = 3,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Shard each block, then the root, over the 2-D (dp_replicate, dp_shard) mesh.
+
+    ``zero_stage=2`` keeps parameters gathered from forward to backward (no re-gather in backward);
+    3 frees them after forward. Gradients are reduced in fp32 and summed, not averaged: the loss
+    is already normalised by the global token count, so a sum over ranks gives the global mean.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    reshard = zero_stage == 3
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+    # The root holds embeddings and the head, used at both ends of the step: keep them gathered.
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip the gradient reduction on all but the last micro-batch of a step."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,91 @@
+"""Run metrics: ``metrics.jsonl`` (global rank 0 only), TensorBoard when installed, progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+
+class MetricsWriter:
+    """Appends one JSON record per optimizer step (and per evaluation) to ``<run_dir>/metrics.jsonl``."""
+
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._truncate_after(resume_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+            except Exception:  # tensorboard is optional; its absence is not an error
+                self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep records up to ``step``: a resumed run rewrites everything after its checkpoint."""
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if step > 0 and record.get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path, "w", encoding="utf-8") as fh:
+            fh.writelines(kept)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar on rank 0 showing loss, lr, tokens/s and the ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=0.5,
+            )
+
+    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

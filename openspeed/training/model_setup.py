@@ -1,0 +1,71 @@
+"""Build the training model: meta device -> parallel plan -> materialise -> init or load weights."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+from openspeed.config import RunConfig
+from openspeed.distributed.mesh import ParallelDims
+from openspeed.errors import CheckpointError
+from openspeed.models.loading import has_hf_weights, load_hf_state_dict, read_hf_config
+from openspeed.models.registry import ModelSpec, get_model_spec
+from openspeed.training.init import copy_full_into, init_weights
+
+
+def model_config_from_run(cfg: RunConfig) -> tuple[ModelSpec, object]:
+    """The model spec and native config for ``cfg.model.path``, with run-level overrides applied."""
+    hf_config = read_hf_config(cfg.model.path)
+    spec = get_model_spec(hf_config.get("model_type", ""))
+    config = spec.config_from_hf(hf_config)
+    if cfg.model.rope_theta is not None:
+        spec.set_rope_theta(config, cfg.model.rope_theta)
+    return spec, config
+
+
+def apply_freeze(model: nn.Module, spec: ModelSpec, parts: list[str]) -> int:
+    """Turn off gradients for the named parts; returns how many parameters were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(spec.part_of(name) == part for part in parts):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def build_training_model(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> tuple[nn.Module, ModelSpec, object]:
+    spec, config = model_config_from_run(cfg)
+    with torch.device("meta"):
+        model = spec.build(config)
+    apply_freeze(model, spec, cfg.model.freeze)
+    spec.parallelize(model, dims, cfg)
+    model.to_empty(device=device)
+    spec.reset_buffers(model)
+    std = cfg.model.init_std if cfg.model.init_std is not None else spec.init_std(config)
+    if has_hf_weights(cfg.model.path):
+        load_weights_into(model, spec, config, cfg.model.path)
+    else:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{cfg.model.path} has no weights: initialising from seed {cfg.train.seed} (std {std})",
+                  file=sys.stderr)
+        init_weights(model, cfg.train.seed, std)
+    model.train()
+    return model, spec, config
+
+
+def load_weights_into(model: nn.Module, spec: ModelSpec, config, path: str) -> None:
+    """Copy HF-format weights into a (possibly sharded) native model, one tensor at a time."""
+    native = spec.hf_to_native(load_hf_state_dict(path), config)
+    params = dict(model.named_parameters())
+    missing = [name for name in params if name not in native]
+    if missing:
+        raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}" +
+                              (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    for name, param in params.items():
+        value = native[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
+        copy_full_into(param, value.float())

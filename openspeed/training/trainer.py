@@ -1,0 +1,289 @@
+"""The training loop. Reads top to bottom: set up, resume, then one optimizer step per iteration."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
+from openspeed.config import RunConfig, dump_yaml, resolve_layout
+from openspeed.data.schedule import GlobalBatchSchedule
+from openspeed.distributed.fsdp import set_gradient_sync
+from openspeed.distributed.mesh import build_mesh
+from openspeed.errors import CheckpointError, ConfigError
+from openspeed.tasks.vlm_sft import VLMTask
+from openspeed.training import checkpoint as ckpt
+from openspeed.training.metrics import MetricsWriter, Progress
+from openspeed.training.model_setup import build_training_model
+from openspeed.training.optim import build_optimizer, build_scheduler
+
+
+class _StopFlag:
+    """Set by SIGTERM: the loop saves a checkpoint after the current step and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+        self.requested = True
+
+
+def _all_reduce(value: float | int, group, dtype=torch.float64) -> float:
+    tensor = torch.tensor([value], dtype=dtype)
+    dist.all_reduce(tensor, group=group)
+    return tensor.item()
+
+
+def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Clip by the global norm over all ranks and return that norm."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _rng_state(acc) -> dict:
+    return {"torch": acc.rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _restore_rng(acc, state: dict) -> None:
+    acc.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _seed_all(acc, seed: int) -> None:
+    acc.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def check_supported(sizes: dict[str, int]) -> None:
+    """Dimensions that later work wires in: reject them clearly instead of running them wrongly."""
+    for name, feature in (("tp", "tensor parallel"), ("pp", "pipeline parallel"), ("cp", "context parallel")):
+        if sizes[name] > 1:
+            raise ConfigError(
+                f"parallel.{name}={sizes[name]}: {feature} is not available in this version; "
+                "use parallel.dp_shard / parallel.dp_replicate"
+            )
+
+
+def run_training(cfg: RunConfig) -> dict:
+    """Train as ``cfg`` says; returns a summary dict (rank 0's view)."""
+    acc = get_accelerator()
+    rank, world = init_distributed()
+    try:
+        return _train(cfg, acc, rank, world)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
+    sizes = resolve_layout(cfg, world)
+    check_supported(sizes)
+    dims = build_mesh(sizes, acc.device_type)
+    dp_group, dp_rank, dp_size = dims.dp_group(), dims.dp_rank(), dims.dp_size
+    is_main = rank == 0
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    _seed_all(acc, cfg.train.seed + rank)
+
+    run_dir = cfg.train.run_dir
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+
+    task = VLMTask(cfg)
+    model, spec, model_config = build_training_model(cfg, dims, acc.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
+
+    # ---------------------------------------------------------------- resume
+    start_step = 0
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(run_dir)
+    elif cfg.train.resume != "none":
+        resume_from = cfg.train.resume
+    if resume_from:
+        state, rng = ckpt.load_checkpoint(resume_from, model, optimizer)
+        start_step = int(state["step"])
+        scheduler.load_state_dict(state["scheduler"])
+        task.skipped.update(state.get("skipped", {}) if is_main else {})
+        if rng is not None:
+            _restore_rng(acc, rng)
+        else:
+            _seed_all(acc, cfg.train.seed * 7919 + start_step * 31 + rank)
+        if is_main:
+            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    if start_step >= cfg.train.max_steps and resume_from:
+        if is_main:
+            print(f"nothing to do: checkpoint step {start_step} >= train.max_steps {cfg.train.max_steps}",
+                  file=sys.stderr)
+        return {"steps": 0, "resumed_from": resume_from}
+
+    metrics = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step, tensorboard=cfg.logging.tensorboard)
+    schedule = GlobalBatchSchedule(len(task.train_set), cfg.train.global_batch_size, cfg.train.seed)
+    stop = _StopFlag()
+    stop.install()
+    progress = Progress(cfg.train.max_steps, start_step, enabled=is_main and cfg.logging.progress)
+    checkpoint_root = ckpt.checkpoint_root(run_dir)
+    last_saved = start_step if resume_from else -1
+    train_start = time.perf_counter()
+    last_loss = float("nan")
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        skipped = _global_counter(task.skipped, dp_group)
+        ckpt.save_checkpoint(
+            checkpoint_root,
+            step,
+            model,
+            optimizer,
+            {"scheduler": scheduler.state_dict(), "skipped": dict(skipped), "seed": cfg.train.seed},
+            _rng_state(acc),
+            keep_last=cfg.checkpoint.keep_last,
+        )
+        last_saved = step
+
+    step = start_step
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.perf_counter()
+        micro_indices = schedule.micro_batches(step, dp_rank, dp_size, cfg.train.micro_batch_size)
+        batches = [task.load_batch(task.train_set, idx) for idx in micro_indices]
+        targets = _all_reduce(sum(task.count_targets(b) for b in batches), dp_group)
+        tokens = _all_reduce(sum(task.count_tokens(b) for b in batches), dp_group)
+
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            set_gradient_sync(model, i == len(batches) - 1)
+            batch = task.to_device(batch, acc.device)
+            with acc.autocast(cfg.train.precision):
+                loss = task.loss(model, batch, int(targets))
+            loss.backward()
+            loss_sum += loss.detach().double().cpu()
+        dist.all_reduce(loss_sum, group=dp_group)
+        grad_norm = _global_grad_norm(trainable, cfg.train.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        elif is_main:
+            progress.write(f"step {step}: non-finite gradient norm, update skipped")
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        acc.synchronize()
+        elapsed = time.perf_counter() - t0
+        last_loss = loss_sum.item()
+        record = {
+            "step": step,
+            "loss": last_loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "target_tokens": int(targets),
+            "step_time_s": elapsed,
+        }
+        metrics.log(record)
+        progress.update(last_loss, lr, record["tokens_per_s"])
+
+        if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            metrics.log({"step": step, **evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)})
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            save(step)
+        stop_now = _all_reduce(1.0 if stop.requested else 0.0, None) > 0
+        if stop_now:
+            if last_saved != step:
+                save(step)
+            progress.close()
+            if is_main:
+                print(f"SIGTERM: saved checkpoint at step {step}, exiting", file=sys.stderr)
+            metrics.close()
+            return {"steps": step - start_step, "stopped_at": step}
+
+    progress.close()
+    final_eval = {}
+    if task.val_set is not None and step > start_step:
+        final_eval = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
+        metrics.log({"step": step, **final_eval})
+    if cfg.checkpoint.save_final and last_saved != step and step > start_step:
+        save(step)
+    skipped = _global_counter(task.skipped, dp_group)
+    seconds = time.perf_counter() - train_start
+    summary = {
+        "steps": step - start_step,
+        "final_loss": last_loss,
+        "seconds": seconds,
+        "skipped_samples": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped),
+        **final_eval,
+    }
+    if is_main:
+        metrics.log({"step": step, "skipped_samples": summary["skipped_samples"],
+                     "skipped_by_reason": dict(skipped)})
+        parts = [f"trained {summary['steps']} steps in {seconds:.1f} s", f"final loss {last_loss:.4f}"]
+        if final_eval:
+            parts.append(f"val_loss {final_eval['val_loss']:.4f}")
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
+        parts.append(f"skipped samples: {summary['skipped_samples']}" + (f" ({reasons})" if reasons else ""))
+        print("; ".join(parts), file=sys.stderr)
+    metrics.close()
+    return summary
+
+
+SKIP_REASONS = ("missing_file", "corrupt_media", "malformed_record", "too_long", "other")
+
+
+def _global_counter(counter: Counter, group) -> Counter:
+    """Sum per-reason skip counts over the data-parallel ranks (a fixed reason list keeps shapes equal)."""
+    values = [float(counter.get(r, 0)) for r in SKIP_REASONS[:-1]]
+    values.append(float(sum(v for k, v in counter.items() if k not in SKIP_REASONS[:-1])))
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, group=group)
+    return Counter({r: int(v) for r, v in zip(SKIP_REASONS, tensor.tolist()) if v})
+
+
+@torch.no_grad()
+def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, dp_size: int) -> dict:
+    """Token-mean loss over the validation set (every rank runs the same number of batches)."""
+    dataset = task.val_set
+    n = len(dataset) if cfg.train.eval_max_samples is None else min(len(dataset), cfg.train.eval_max_samples)
+    mbs = cfg.train.micro_batch_size
+    indices = list(range(n))
+    per_round = mbs * dp_size
+    rounds = math.ceil(n / per_round)
+    was_training = model.training
+    model.eval()
+    loss_sum, targets = 0.0, 0
+    for r in range(rounds):
+        chunk = indices[r * per_round : (r + 1) * per_round]
+        mine = chunk[dp_rank * mbs : (dp_rank + 1) * mbs]
+        batch = task.load_batch(dataset, mine, count_skips=False) if mine else task.load_batch(dataset, [], False)
+        count = task.count_targets(batch)
+        batch = task.to_device(batch, acc.device)
+        with acc.autocast(cfg.train.precision):
+            loss = task.loss(model, batch, 1)  # a plain sum over this batch's target tokens
+        loss_sum += float(loss)
+        targets += count
+    if was_training:
+        model.train()
+    total = _all_reduce(loss_sum, dp_group)
+    count = _all_reduce(targets, dp_group)
+    return {"val_loss": total / max(1.0, count), "val_target_tokens": int(count)}
+
+
+__all__ = ["run_training", "evaluate", "CheckpointError"]
