@@ -60,6 +60,15 @@ class Accelerator:
             return torch.npu.max_memory_allocated()  # type: ignore[attr-defined]
         return 0
 
+    def profiler_activities(self, with_cpu: bool = True) -> list:
+        """torch.profiler activities for this device (CPU, plus the device's own when it has one)."""
+        activities = [torch.profiler.ProfilerActivity.CPU] if with_cpu else []
+        if self.device_type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        elif self.device_type == "npu":
+            activities.append(torch.profiler.ProfilerActivity.PrivateUse1)
+        return activities
+
     def autocast(self, precision: str):
         """Autocast context for ``precision`` ("fp32" gives a no-op context)."""
         if precision == "bf16":

@@ -418,3 +418,4 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> dict[str, int]:
 def dump_yaml(cfg: RunConfig, path: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+

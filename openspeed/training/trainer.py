@@ -25,6 +25,7 @@ from openspeed.training import checkpoint as ckpt
 from openspeed.training.metrics import MetricsWriter, Progress
 from openspeed.training.model_setup import build_training_model
 from openspeed.training.optim import build_optimizer, build_scheduler
+from openspeed.training.profiling import StepProfiler
 
 
 class _StopFlag:
@@ -161,8 +162,10 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         )
         last_saved = step
 
+    profiler = StepProfiler(cfg.profile, rank, run_dir)
     step = start_step
     for step in range(start_step + 1, cfg.train.max_steps + 1):
+        profiler.before_step(step)
         t0 = time.perf_counter()
         micro_indices = schedule.micro_batches(step, dp_rank, dp_size, cfg.train.micro_batch_size)
         batches = [task.load_batch(task.train_set, idx) for idx in micro_indices]
@@ -200,6 +203,9 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         }
         metrics.log(record)
         progress.update(last_loss, lr, record["tokens_per_s"])
+        trace = profiler.after_step(step)
+        if trace:
+            progress.write(f"profiler trace written to {trace}")
 
         if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
             metrics.log({"step": step, **evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)})

@@ -1,0 +1,453 @@
+"""Native Qwen2.5-VL: a windowed ViT vision tower, a patch merger and a Qwen2 decoder with M-RoPE.
+
+Plain PyTorch, no distributed code. Parameter names follow the Hugging Face module tree below
+``model.`` so checkpoint conversion is a prefix rename (see ``convert.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openspeed.models.layers.mlp import SwiGLUMLP
+from openspeed.models.layers.norms import RMSNorm
+from openspeed.models.layers.rope import (
+    MRopeEmbedding,
+    VisionRotaryEmbedding,
+    apply_rotary,
+    apply_vision_rotary,
+)
+from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+from openspeed.models.qwen2_5_vl.rope_index import get_rope_index, mm_token_type_ids_from_input_ids
+from openspeed.ops.attention import attention
+
+IGNORE_INDEX = -100
+VISION_NORM_EPS = 1e-6  # fixed in the released checkpoints, not part of the config
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision-side index bookkeeping (pure functions of the grids, no weights)
+# --------------------------------------------------------------------------------------------------
+
+
+def vision_rotary_positions(grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.Tensor:
+    """(num_patches, 2) row/column of every patch, in the processor's patch order.
+
+    Patches arrive grouped by ``merge x merge`` block (block rows, block columns, then the rows and
+    columns inside a block), frame after frame.
+    """
+    m = spatial_merge_size
+    out = []
+    for t, h, w in grid_thw.tolist():
+        rows = torch.arange(h).view(h // m, m, 1, 1).expand(-1, -1, w // m, m)
+        cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, -1, -1)
+        # (block_row, in_row, block_col, in_col) -> (block_row, block_col, in_row, in_col)
+        rows = rows.permute(0, 2, 1, 3).reshape(-1)
+        cols = cols.permute(0, 2, 1, 3).reshape(-1)
+        out.append(torch.stack((rows, cols), dim=-1).repeat(t, 1))
+    return torch.cat(out).to(grid_thw.device)
+
+
+def vision_frame_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """int32 cumulative lengths with one segment per frame (``h*w`` patches): full-attention blocks."""
+    lengths = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def vision_window_index(
+    grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group merged tokens into square windows of ``window_size`` pixels.
+
+    Returns ``window_index`` (num_merged_tokens,): the merged-token order that makes every window
+    contiguous (windows in row-major order per frame, tokens row-major inside a window), and
+    ``cu_window_seqlens`` (int32, in patch units): the window boundaries in that order. Windows at the
+    right/bottom edge may be partial.
+    """
+    m = spatial_merge_size
+    side = window_size // m // patch_size  # window side in merged tokens
+    order, lengths = [], []
+    offset = 0
+    for t, h, w in grid_thw.tolist():
+        gh, gw = h // m, w // m
+        n_wh, n_ww = -(-gh // side), -(-gw // side)
+        frame = torch.arange(t).view(t, 1, 1)
+        win_row = (torch.arange(gh) // side).view(1, gh, 1)
+        win_col = (torch.arange(gw) // side).view(1, 1, gw)
+        window_id = ((frame * n_wh + win_row) * n_ww + win_col).reshape(-1)
+        # A stable sort keeps the row-major order of tokens inside each window.
+        order.append(torch.sort(window_id, stable=True).indices + offset)
+        lengths.append(torch.bincount(window_id, minlength=t * n_wh * n_ww))
+        offset += t * gh * gw
+    window_index = torch.cat(order).to(grid_thw.device)
+    lengths = torch.cat(lengths) * (m * m)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return window_index, cu.unique_consecutive().to(grid_thw.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """3-D patch embedding: one ``temporal_patch x patch x patch`` cube per row of ``pixel_values``."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_patches, C*T*P*P) -> (num_patches, hidden)."""
+        weight = self.proj.weight
+        # Kernel == stride == input cube, so the convolution is exactly a matmul with the flattened
+        # kernel; the matmul avoids the very slow Conv3d kernels some backends pick for this shape.
+        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1))
+
+
+class VisionAttention(nn.Module):
+    """Multi-head self-attention over packed patches, restricted to ``cu_seqlens`` segments."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        """``x``: (num_patches, hidden)."""
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_vision_rotary(q, k, cos, sin)
+        # (N, heads, dim) -> (1, heads, N, dim): one packed "batch" split by cu_seqlens.
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out = attention(q, k, v, causal=False, cu_seqlens=cu_seqlens, scale=self.head_dim**-0.5)
+        return self.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block of the vision tower."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        """``x``: (num_patches, hidden)."""
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Concatenate each ``merge x merge`` block of patches and project to the text width."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.merged_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim),
+            nn.GELU(),
+            nn.Linear(self.merged_dim, cfg.out_hidden_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(num_patches, hidden) -> (num_patches / merge^2, out_hidden)."""
+        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
+
+
+class VisionTransformer(nn.Module):
+    """Qwen2.5-VL vision tower: window attention, with full attention in ``fullatt_block_indexes``."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.rotary_pos_emb = VisionRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Encode packed patches of all images/videos in ``grid_thw`` order.
+
+        Args:
+            pixel_values: (sum t*h*w, C*T*P*P), patches in the processor's merge-block order.
+            grid_thw: (n, 3) patch grid of each image/video.
+
+        Returns:
+            (sum t*h*w / merge^2, out_hidden): one embedding per merged token, in input order.
+        """
+        cfg = self.cfg
+        unit = cfg.spatial_merge_size**2
+        grid_cpu = grid_thw.cpu()
+        window_index, cu_windows = vision_window_index(
+            grid_cpu, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size
+        )
+        cu_frames = vision_frame_cu_seqlens(grid_cpu)
+        positions = vision_rotary_positions(grid_cpu, cfg.spatial_merge_size)
+        window_index = window_index.to(pixel_values.device)
+
+        def to_window_order(t: torch.Tensor) -> torch.Tensor:
+            # Reorder whole merge blocks so each window is contiguous; merge blocks never straddle windows.
+            return t.view(-1, unit, t.shape[-1])[window_index].view(-1, t.shape[-1])
+
+        x = to_window_order(self.patch_embed(pixel_values))
+        cos, sin = self.rotary_pos_emb(positions.to(pixel_values.device))
+        cos, sin = to_window_order(cos), to_window_order(sin)
+
+        for i, block in enumerate(self.blocks):
+            cu_seqlens = cu_frames if i in cfg.fullatt_block_indexes else cu_windows
+            x = block(x, cos, sin, cu_seqlens)
+
+        merged = self.merger(x)
+        inverse = torch.empty_like(window_index)
+        inverse[window_index] = torch.arange(window_index.numel(), device=window_index.device)
+        return merged[inverse]
+
+
+# --------------------------------------------------------------------------------------------------
+# Language model
+# --------------------------------------------------------------------------------------------------
+
+
+class TextAttention(nn.Module):
+    """Causal grouped-query attention with multimodal rotary positions."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``x``: (batch, seq, hidden); ``cos``/``sin``: (batch, seq, head_dim)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
+        out = attention(q, k, v, causal=True, attention_mask=attention_mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block: attention then SwiGLU MLP, each with a residual."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = TextAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=False, act=cfg.hidden_act)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``x``: (batch, seq, hidden)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2LanguageModel(nn.Module):
+    """Qwen2 decoder stack (embeddings, layers, final norm) driven by 3-D M-RoPE positions."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary_emb = MRopeEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(batch, seq, hidden) embeddings and (3, batch, seq) positions -> final hidden states."""
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention_mask)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Full model
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CausalLMOutput:
+    """Model output: ``logits`` (batch, seq, vocab) and ``loss`` (scalar fp32, or ``None`` without labels)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32 with ``labels`` aligned to the inputs (shifted here).
+
+    Returns the mean over label tokens, or, when ``num_items_in_batch`` is given, the sum divided by it
+    (so that summing micro-batch/rank losses gives the exact global mean).
+    """
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss
+
+
+class Qwen2_5_VLModel(nn.Module):
+    """Qwen2.5-VL for conditional generation: ``visual`` -> ``language_model`` -> ``lm_head``."""
+
+    def __init__(self, config: Qwen2_5_VLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        self.language_model = Qwen2LanguageModel(config.text)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share ``lm_head.weight`` with the input embedding when the config asks for tied embeddings.
+
+        ``to_empty`` and ``load_state_dict(assign=True)`` replace parameters one by one and so break
+        the sharing; call this again after them.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def _scatter_vision(
+        self,
+        embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        token_id: int,
+        pixels: torch.Tensor | None,
+        grid_thw: torch.Tensor | None,
+        kind: str,
+    ) -> torch.Tensor:
+        if pixels is None:
+            return embeds
+        if grid_thw is None:
+            raise ValueError(f"{kind} pixels were given without {kind}_grid_thw")
+        features = self.visual(pixels, grid_thw).to(embeds.dtype)
+        slots = input_ids == token_id
+        n_slots = int(slots.sum())
+        if n_slots != features.shape[0]:
+            raise ValueError(f"{n_slots} {kind} placeholder tokens but {features.shape[0]} {kind} features")
+        return embeds.masked_scatter(slots.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Run the model on a (batch, seq) batch.
+
+        Image/video features replace the embeddings of the image/video pad tokens. Without
+        ``position_ids``, 3-D M-RoPE positions are computed when a grid is given (see
+        :func:`get_rope_index`), else positions are ``0..seq-1``. ``position_ids`` may be given as
+        (batch, seq) or (3, batch, seq). With ``labels`` (aligned to ``input_ids``, -100 = ignore) the
+        causal LM loss is returned too (see :func:`causal_lm_loss`).
+        """
+        cfg = self.config
+        embeds = self.language_model.embed_tokens(input_ids)
+        embeds = self._scatter_vision(
+            embeds, input_ids, cfg.image_token_id, pixel_values, image_grid_thw, "image"
+        )
+        embeds = self._scatter_vision(
+            embeds, input_ids, cfg.video_token_id, pixel_values_videos, video_grid_thw, "video"
+        )
+
+        if position_ids is None:
+            if image_grid_thw is not None or video_grid_thw is not None:
+                if mm_token_type_ids is None:
+                    mm_token_type_ids = mm_token_type_ids_from_input_ids(
+                        input_ids, cfg.image_token_id, cfg.video_token_id
+                    )
+                position_ids, _ = get_rope_index(
+                    input_ids,
+                    mm_token_type_ids,
+                    image_grid_thw,
+                    video_grid_thw,
+                    second_per_grid_ts,
+                    attention_mask,
+                    cfg.vision.spatial_merge_size,
+                    cfg.vision.tokens_per_second,
+                )
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+                position_ids = position_ids.expand(input_ids.shape[0], -1)
+        if position_ids.dim() == 2:
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+
+        hidden = self.language_model(embeds, position_ids, attention_mask)
+        logits = self.lm_head(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+def reset_non_persistent_buffers(model: nn.Module, device: torch.device | str | None = None) -> None:
+    """Refill every non-persistent buffer (rotary ``inv_freq``) and re-tie shared weights.
+
+    Call after ``model.to_empty(device=...)`` (or after loading with ``assign=True`` into a ``meta``
+    model). ``device`` defaults to the device of the model's first parameter.
+    """
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None and not first.is_meta else torch.device("cpu")
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset(device)
+    for module in model.modules():
+        tie = getattr(module, "tie_weights", None)
+        if callable(tie):
+            tie()
