@@ -82,6 +82,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimization_level: Literal[0, 1, 2] = 2
     deterministic: bool = False
+    exit_interval: int | None = None
+    """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval)."""
 
 
 @dataclass
@@ -373,6 +375,7 @@ def check_values(cfg: RunConfig) -> None:
         "checkpoint.interval": cfg.checkpoint.interval,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "data.num_workers": cfg.data.num_workers,
+        "train.exit_interval": cfg.train.exit_interval or 0,
     }.items():
         if value < 0:
             raise ConfigError(f"{key}: must not be negative, got {value}")

@@ -87,7 +87,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 140, 30),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+COUNT_WORDS: tuple[str, ...] = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+)
 QTYPES: tuple[str, ...] = ("colour", "shape", "position", "count")
 
 _POSITION_NAMES: dict[int, list[list[str]]] = {
@@ -134,7 +145,13 @@ def _train_tokenizer(words: Iterable[str]):
     from tokenizers.models import BPE
 
     tokenizer = Tokenizer(
-        BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        BPE(
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
     )
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -212,7 +229,9 @@ def write_tiny_model_dir(
     vocab_size = _round_up(tokenizer.get_vocab_size(), vocab_multiple)
 
     if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
-        raise ValueError("hidden_size must divide by num_attention_heads, which must divide by num_key_value_heads")
+        raise ValueError(
+            "hidden_size must divide by num_attention_heads, which must divide by num_key_value_heads"
+        )
     head_dim = hidden_size // num_attention_heads
     # Qwen2.5-VL splits the rotary half-dim into (temporal, height, width) sections in the ratio
     # 16:24:24 (for head_dim 128); keep that shape for any head size.
@@ -349,7 +368,9 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[floa
         s = r * 0.85
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if kind == "triangle":
-        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [
+            (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
     if kind == "star":
         pts = []
         for k in range(10):
@@ -367,7 +388,9 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(f"unknown shape {kind!r}")
 
 
-def _draw_scene(objects: list[dict[str, Any]], image_size: int, grid_size: int, background: int, rng) -> Image.Image:
+def _draw_scene(
+    objects: list[dict[str, Any]], image_size: int, grid_size: int, background: int, rng
+) -> Image.Image:
     img = Image.new("RGB", (image_size, image_size), (background,) * 3)
     draw = ImageDraw.Draw(img)
     cell = image_size / grid_size

@@ -211,13 +211,15 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             metrics.log({"step": step, **evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             save(step)
+        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
         stop_now = _all_reduce(1.0 if stop.requested else 0.0, None) > 0
-        if stop_now:
+        if (stop_now or exit_now) and step < cfg.train.max_steps:
             if last_saved != step:
                 save(step)
             progress.close()
             if is_main:
-                print(f"SIGTERM: saved checkpoint at step {step}, exiting", file=sys.stderr)
+                why = "SIGTERM" if stop_now else f"train.exit_interval={cfg.train.exit_interval}"
+                print(f"{why}: saved checkpoint at step {step}, exiting", file=sys.stderr)
             metrics.close()
             return {"steps": step - start_step, "stopped_at": step}
 

@@ -1,8 +1,8 @@
 """Rotary position embeddings: the plain 1-D form, Qwen's 2-D vision form and text M-RoPE.
 
-Angles are always computed in fp32. Inverse frequencies are kept in non-persistent buffers so that
-modules built on the ``meta`` device can refill them with :meth:`reset_buffers` once real storage
-exists.
+Angles are always computed in fp32. Inverse frequencies are kept in non-persistent buffers that
+follow the default device at construction (so a ``meta`` build is entirely ``meta``) and can be
+refilled with ``reset_buffers()`` once real storage exists.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class VisionRotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim // 2, theta), persistent=False)
+        inv_freq = rope_inv_freq(head_dim // 2, theta).to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute ``inv_freq`` (e.g. after ``to_empty``); defaults to the buffer's current device."""
@@ -113,7 +114,8 @@ class MRopeEmbedding(nn.Module):
         self.head_dim = head_dim
         self.theta = theta
         self.mrope_section = tuple(int(s) for s in mrope_section)
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
+        inv_freq = rope_inv_freq(head_dim, theta).to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
         """Recompute ``inv_freq`` (e.g. after ``to_empty``); defaults to the buffer's current device."""

@@ -110,7 +110,9 @@ class TextConfig:
 class Qwen2_5_VLConfig:
     """Full Qwen2.5-VL configuration: vision tower, text decoder and the special token ids."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    # Hugging Face's stand-alone defaults disagree (vision out 3584, text hidden 8192); the bare
+    # default here is made consistent so that ``Qwen2_5_VLConfig()`` builds a working model.
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(out_hidden_size=TextConfig.hidden_size))
     text: TextConfig = field(default_factory=TextConfig)
     image_token_id: int = 151655
     video_token_id: int = 151656
@@ -154,8 +156,12 @@ class Qwen2_5_VLConfig:
         )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
-            raise ConfigError(f"rope type '{rope_type}' is not supported for qwen2_5_vl (known: default, mrope)")
-        rope_theta = rope.get("rope_theta", text.get("rope_theta", d.get("rope_theta", TextConfig.rope_theta)))
+            raise ConfigError(
+                f"rope type '{rope_type}' is not supported for qwen2_5_vl (known: default, mrope)"
+            )
+        rope_theta = rope.get(
+            "rope_theta", text.get("rope_theta", d.get("rope_theta", TextConfig.rope_theta))
+        )
 
         num_heads = text.get("num_attention_heads", TextConfig.num_attention_heads)
         text_kwargs = _pick(
@@ -169,7 +175,9 @@ class Qwen2_5_VLConfig:
         text_kwargs["num_key_value_heads"] = num_heads if kv_heads is None else kv_heads
 
         vision_kwargs = _pick(vision, VisionConfig, skip=("rope_theta", "in_channels", "patch_size"))
-        vision_kwargs["in_channels"] = vision.get("in_channels", vision.get("in_chans", VisionConfig.in_channels))
+        vision_kwargs["in_channels"] = vision.get(
+            "in_channels", vision.get("in_chans", VisionConfig.in_channels)
+        )
         vision_kwargs["patch_size"] = vision.get(
             "patch_size", vision.get("spatial_patch_size", VisionConfig.patch_size)
         )

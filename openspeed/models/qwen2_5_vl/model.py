@@ -352,8 +352,11 @@ class Qwen2_5_VLModel(nn.Module):
         ``to_empty`` and ``load_state_dict(assign=True)`` replace parameters one by one and so break
         the sharing; call this again after them.
         """
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
+        embed = self.language_model.embed_tokens.weight
+        # Only re-point when the sharing is actually broken, so an intact tie (e.g. one a parallel
+        # wrapper already manages) is left alone.
+        if self.config.tie_word_embeddings and self.lm_head.weight is not embed:
+            self.lm_head.weight = embed
 
     def _scatter_vision(
         self,
@@ -428,7 +431,12 @@ class Qwen2_5_VLModel(nn.Module):
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
 
-        hidden = self.language_model(embeds, position_ids, attention_mask)
+        text_mask = attention_mask
+        # Without padding the mask is pure overhead, and an explicit mask keeps SDPA off its fused
+        # causal kernels; one host sync is far cheaper than that.
+        if text_mask is not None and bool(text_mask.all()):
+            text_mask = None
+        hidden = self.language_model(embeds, position_ids, text_mask)
         logits = self.lm_head(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutput(logits=logits, loss=loss)

@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from openspeed.errors import ConfigError
 from openspeed.models.qwen2_5_vl.config import HF_ARCHITECTURE, MODEL_TYPE, Qwen2_5_VLConfig
 from openspeed.models.qwen2_5_vl.convert import hf_to_native, native_to_hf
 from openspeed.models.qwen2_5_vl.flops import training_flops
-from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel
+from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel, reset_non_persistent_buffers
+from openspeed.models.qwen2_5_vl.parallelize import parallelize
 from openspeed.models.registry import ModelSpec, register_model
+
+
+def init_std(config: Qwen2_5_VLConfig) -> float:
+    """Default init std: the language model's ``initializer_range``."""
+    return config.text.initializer_range
+
+
+def set_rope_theta(config: Qwen2_5_VLConfig, theta: float) -> None:
+    """Override the language model's RoPE base (the vision tower keeps its own)."""
+    if not theta > 0:
+        raise ConfigError(f"rope_theta must be positive, got {theta}")
+    config.text.rope_theta = float(theta)
+
+
+def part_of(name: str) -> str:
+    """Freezable part of native parameter ``name``: ``vision``, ``merger`` or ``llm`` (incl. ``lm_head``)."""
+    if name.startswith("visual.merger."):
+        return "merger"
+    if name.startswith("visual."):
+        return "vision"
+    return "llm"
+
 
 QWEN2_5_VL_SPEC = ModelSpec(
     name=MODEL_TYPE,
@@ -18,6 +42,11 @@ QWEN2_5_VL_SPEC = ModelSpec(
     hf_to_native=hf_to_native,
     native_to_hf=native_to_hf,
     flops=training_flops,
+    reset_buffers=reset_non_persistent_buffers,
+    init_std=init_std,
+    set_rope_theta=set_rope_theta,
+    part_of=part_of,
+    parallelize=parallelize,
 )
 
 register_model(QWEN2_5_VL_SPEC)

@@ -1,0 +1,125 @@
+"""Load Hugging Face-format model directories (config.json + safetensors) into native models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from openspeed.errors import CheckpointError, ConfigError
+from openspeed.models.registry import get_model_spec
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _model_dir(path: str | Path) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory not found: {directory}")
+    return directory
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """Read ``config.json`` of the model directory ``path``."""
+    config_path = _model_dir(path) / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in model directory {config_path.parent}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {config_path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} does not hold a JSON object")
+    return config
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"weight file not found: {file}")
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {file}: {exc}") from None
+
+
+def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the model directory ``path`` (single or sharded safetensors), on the CPU."""
+    directory = _model_dir(path)
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot read {index_path}: {exc!r}") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_load_safetensors(directory / shard))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise CheckpointError(f"{index_path} lists tensors missing from its shards: {_preview(missing)}")
+        return state
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return _load_safetensors(single)
+    raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in model directory {directory}")
+
+
+def has_hf_weights(path: str | Path) -> bool:
+    """Whether the model directory ``path`` holds safetensors weights (single file or sharded index)."""
+    directory = Path(path)
+    return (directory / WEIGHTS_INDEX_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
+
+
+def _preview(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def from_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.nn.Module:
+    """Build the native model for the Hugging Face model directory ``path`` and load its weights.
+
+    The model is built on the ``meta`` device and takes the checkpoint tensors directly (cast to
+    ``dtype``, moved to ``device``), so weights are never allocated twice. Loading is strict: missing
+    or unexpected keys raise :class:`CheckpointError`. Returns the model in eval mode.
+    """
+    hf_config = read_hf_config(path)
+    model_type = hf_config.get("model_type")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{Path(path) / CONFIG_NAME} has no model_type")
+    spec = get_model_spec(model_type)
+    config = spec.config_from_hf(hf_config)
+    state = spec.hf_to_native(load_hf_state_dict(path), config)
+
+    with torch.device("meta"):
+        model = spec.build(config)
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_preview(unexpected)}")
+        raise CheckpointError(f"checkpoint {path} does not match {spec.name}: " + "; ".join(parts))
+
+    device = torch.device(device)
+    state = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
+    }
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first_line[:3])
+        raise CheckpointError(f"checkpoint {path} does not fit {spec.name}: {detail}") from None
+    spec.reset_buffers(model, device)
+    return model.eval()

@@ -1,0 +1,92 @@
+"""Registry of natively implemented model families, keyed by Hugging Face ``model_type``."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from openspeed.errors import ConfigError
+
+# Packages whose import registers their model; imported on first lookup so that importing the
+# registry stays cheap and free of import cycles.
+_BUILTIN_MODEL_PACKAGES = ("openspeed.models.qwen2_5_vl",)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the trainer and loaders need to know about one model family.
+
+    Attributes:
+        name: short native name.
+        hf_model_types: ``config.json`` ``model_type`` values this spec handles.
+        hf_architecture: the Hugging Face class name written into exported configs.
+        config_from_hf: ``config.json`` dict -> native config.
+        config_to_hf: native config -> ``config.json`` dict.
+        build: native config -> ``nn.Module`` (must work under ``torch.device("meta")``).
+        hf_to_native: ``(hf_state_dict, config) -> native_state_dict``.
+        native_to_hf: ``(native_state_dict, config) -> hf_state_dict``.
+        flops: ``(config, num_text_tokens, image_grid_thw, video_grid_thw, ...) -> training FLOPs``.
+        reset_buffers: ``(model, device=None)``; refills non-persistent buffers and re-ties shared
+            weights after ``to_empty`` or a ``meta``-device ``load_state_dict(assign=True)``.
+        init_std: config -> default std of the normal weight initialisation (``initializer_range``).
+        set_rope_theta: ``(config, theta)``; overrides the language model's RoPE base in place.
+        part_of: parameter name -> the freezable part it belongs to (``vision``, ``merger``, ``llm``).
+        parallelize: ``(model, parallel_dims, run_config)``; applies the model's parallel plan to a
+            model built on the meta device (kept beside the model, never inside it).
+    """
+
+    name: str
+    hf_model_types: tuple[str, ...]
+    hf_architecture: str
+    config_from_hf: Callable[[dict], Any]
+    config_to_hf: Callable[[Any], dict]
+    build: Callable[[Any], nn.Module]
+    hf_to_native: Callable[[dict, Any], dict]
+    native_to_hf: Callable[[dict, Any], dict]
+    flops: Callable[..., float]
+    reset_buffers: Callable[..., None]
+    init_std: Callable[[Any], float]
+    set_rope_theta: Callable[[Any, float], None]
+    part_of: Callable[[str], str]
+    parallelize: Callable[..., nn.Module]
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+_builtins_loaded = False
+
+
+def register_model(spec: ModelSpec) -> None:
+    """Register ``spec`` under each of its ``hf_model_types``; re-registering the same name replaces it."""
+    for model_type in spec.hf_model_types:
+        existing = _REGISTRY.get(model_type)
+        if existing is not None and existing.name != spec.name:
+            raise ValueError(f"model type '{model_type}' is already registered by '{existing.name}'")
+        _REGISTRY[model_type] = spec
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        for package in _BUILTIN_MODEL_PACKAGES:
+            importlib.import_module(package)
+        _builtins_loaded = True
+
+
+def known_model_types() -> list[str]:
+    """Sorted ``model_type`` values that have a native implementation."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_model_spec(model_type: str) -> ModelSpec:
+    """The spec registered for Hugging Face ``model_type``; :class:`ConfigError` if there is none."""
+    _load_builtins()
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"model type '{model_type}' is not supported (known: {known})") from None

@@ -1,0 +1,58 @@
+"""Shared helpers for tests that run the trainer as a user would (a subprocess of the CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_tiny_run_config(tmp_dir: str, data_dir: str, **sections) -> str:
+    """Write a small training config over the shapes set in ``data_dir``; returns its path."""
+    import yaml
+
+    cfg = {
+        "model": {"path": os.path.join(data_dir, "model"), "init_std": 0.1, "rope_theta": 10.0},
+        "data": {
+            "train_path": os.path.join(data_dir, "train.jsonl"),
+            "val_path": os.path.join(data_dir, "val.jsonl"),
+            "max_seq_len": 128,
+        },
+        "train": {
+            "run_dir": os.path.join(tmp_dir, "run"),
+            "max_steps": 5,
+            "seed": 7,
+            "micro_batch_size": 2,
+            "global_batch_size": 8,
+            "eval_max_samples": 8,
+        },
+        "optim": {"lr": 2e-3, "warmup_steps": 1},
+        "logging": {"progress": False, "tensorboard": False},
+        "checkpoint": {"interval": 0, "save_final": False},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = os.path.join(tmp_dir, "config.yaml")
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg, fh)
+    return path
+
+
+def run_train(config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "openspeed", "train", config, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def train_losses(run_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -1,0 +1,83 @@
+"""End-to-end training through the CLI: data-parallel equivalence, resume, metrics, config dump."""
+
+import math
+import os
+
+import pytest
+
+from _train_utils import make_tiny_run_config, read_metrics, run_train, train_losses
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from openspeed.data.shapes import make_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(str(out), num=96, seed=1)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def reference_run(shapes_dir, tmp_path_factory):
+    """One process, 5 fp32 steps, checkpoint every 3 steps."""
+    tmp = str(tmp_path_factory.mktemp("ref"))
+    config = make_tiny_run_config(tmp, shapes_dir, checkpoint={"interval": 3, "save_final": False})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.path.join(tmp, "run"), result
+
+
+def _assert_close(losses, reference, rel=1e-4):
+    assert sorted(losses) == sorted(reference) == [1, 2, 3, 4, 5]
+    for step, ref in reference.items():
+        assert math.isfinite(ref)
+        assert abs(losses[step] - ref) <= rel * abs(ref), (step, losses[step], ref)
+
+
+def test_single_process_run_writes_metrics_and_config(reference_run):
+    run_dir, result = reference_run
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    for r in steps:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["grad_norm"] > 0
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert any("val_loss" in r for r in records)
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_3"))
+    assert "trained 5 steps" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.dp_replicate=2"])
+def test_data_parallel_matches_one_process(layout, reference_run, shapes_dir, tmp_path):
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    result = run_train(config, "--nproc", "2", layout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+
+
+def test_resume_continues_with_identical_losses(reference_run, shapes_dir, tmp_path):
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir, checkpoint={"interval": 3, "save_final": False})
+    first = run_train(config, "train.exit_interval=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(train_losses(str(tmp_path / "run"))) == [1, 2, 3]
+    second = run_train(config, "train.resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "step 3" in second.stderr
+    losses = train_losses(str(tmp_path / "run"))
+    reference = train_losses(ref_dir)
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-6, abs=0)
+
+
+def test_worker_side_user_error_is_one_line(shapes_dir, tmp_path):
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    # Detected inside the workers (after the model is built), reported once by the launcher.
+    result = run_train(config, "--nproc", "2", "model.freeze=vision,merger,llm")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no trainable parameters" in lines[0], result.stderr
