@@ -33,6 +33,8 @@ def apply_fsdp(
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # Gloo has no PREMUL_SUM: ask for plain SUM collectives (a factor of 1 needs no scaling).
+            module.set_force_sum_reduction_for_comms(True)
     return model
 
 
