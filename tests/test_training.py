@@ -4,7 +4,6 @@ import math
 import os
 
 import pytest
-
 from _train_utils import make_tiny_run_config, read_metrics, run_train, train_losses
 
 

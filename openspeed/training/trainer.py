@@ -163,6 +163,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         last_saved = step
 
     profiler = StepProfiler(cfg.profile, rank, run_dir)
+    last_eval: dict = {}
     step = start_step
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         profiler.before_step(step)
@@ -208,7 +209,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             progress.write(f"profiler trace written to {trace}")
 
         if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-            metrics.log({"step": step, **evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)})
+            last_eval = {"step": step, **evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)}
+            metrics.log(last_eval)
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             save(step)
         exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
@@ -226,8 +228,11 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     progress.close()
     final_eval = {}
     if task.val_set is not None and step > start_step:
-        final_eval = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
-        metrics.log({"step": step, **final_eval})
+        if last_eval.get("step") == step:
+            final_eval = {k: v for k, v in last_eval.items() if k != "step"}
+        else:
+            final_eval = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
+            metrics.log({"step": step, **final_eval})
     if cfg.checkpoint.save_final and last_saved != step and step > start_step:
         save(step)
     skipped = _global_counter(task.skipped, dp_group)
