@@ -8,15 +8,6 @@ from _train_utils import make_tiny_run_config, read_metrics, run_train, train_lo
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from openspeed.data.shapes import make_shapes_dataset
-
-    out = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(str(out), num=96, seed=1)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def reference_run(shapes_dir, tmp_path_factory):
     """One process, 5 fp32 steps, checkpoint every 3 steps."""
     tmp = str(tmp_path_factory.mktemp("ref"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch
@@ -47,16 +46,19 @@ class VLMTask:
             image_token_id=self.processor.image_token_id,
             video_token_id=self.processor.video_token_id,
         )
-        self.skipped: Counter[str] = Counter()
+        # Training samples that could not be used: index -> reason. Each bad sample counts once,
+        # however many epochs meet it.
+        self.skipped: dict[int, str] = {}
         self._fallback: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ batches
 
-    def _fetch(self, dataset, index: int) -> dict[str, Any] | None:
+    def _fetch(self, dataset, index: int, record_skips: bool) -> dict[str, Any] | None:
         try:
             return dataset[index]
         except BadSampleError as exc:
-            self.skipped[exc.reason] += 1
+            if record_skips:
+                self.skipped[index] = exc.reason
             return None
 
     def _masked_fallback(self, dataset) -> dict[str, Any]:
@@ -78,10 +80,8 @@ class VLMTask:
 
     def load_batch(self, dataset, indices: list[int], count_skips: bool = True) -> dict[str, Any]:
         """Collate the usable samples among ``indices``; bad ones are skipped and counted."""
-        before = Counter(self.skipped)
-        samples = [s for s in (self._fetch(dataset, i) for i in indices) if s is not None]
-        if not count_skips:
-            self.skipped = before
+        record = count_skips and dataset is self.train_set
+        samples = [s for s in (self._fetch(dataset, i, record) for i in indices) if s is not None]
         if not samples:
             samples = [self._masked_fallback(dataset)]
         return self.collator(samples)

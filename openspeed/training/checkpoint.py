@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -68,6 +69,11 @@ def save_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state, os.path.join(tmp, "rng", f"rank{rank}.pt"))
+    # Fault-injection point for the crash-during-save test: the shards are written, the
+    # checkpoint is not yet complete.
+    pause = float(os.environ.get("OPENSPEED_TEST_SAVE_PAUSE_S", "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as fh:

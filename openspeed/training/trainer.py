@@ -125,7 +125,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         state, rng = ckpt.load_checkpoint(resume_from, model, optimizer)
         start_step = int(state["step"])
         scheduler.load_state_dict(state["scheduler"])
-        task.skipped.update(state.get("skipped", {}) if is_main else {})
+        task.skipped.update({int(i): r for i, r in state.get("skipped", {}).items()})
         if rng is not None:
             _restore_rng(acc, rng)
         else:
@@ -150,13 +150,13 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
 
     def save(step: int) -> None:
         nonlocal last_saved
-        skipped = _global_counter(task.skipped, dp_group)
+        skipped = _gather_skipped(task.skipped, dp_group)
         ckpt.save_checkpoint(
             checkpoint_root,
             step,
             model,
             optimizer,
-            {"scheduler": scheduler.state_dict(), "skipped": dict(skipped), "seed": cfg.train.seed},
+            {"scheduler": scheduler.state_dict(), "skipped": {str(i): r for i, r in skipped.items()}, "seed": cfg.train.seed},
             _rng_state(acc),
             keep_last=cfg.checkpoint.keep_last,
         )
@@ -235,7 +235,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             metrics.log({"step": step, **final_eval})
     if cfg.checkpoint.save_final and last_saved != step and step > start_step:
         save(step)
-    skipped = _global_counter(task.skipped, dp_group)
+    skipped = Counter(_gather_skipped(task.skipped, dp_group).values())
     seconds = time.perf_counter() - train_start
     summary = {
         "steps": step - start_step,
@@ -258,16 +258,14 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     return summary
 
 
-SKIP_REASONS = ("missing_file", "corrupt_media", "malformed_record", "too_long", "other")
-
-
-def _global_counter(counter: Counter, group) -> Counter:
-    """Sum per-reason skip counts over the data-parallel ranks (a fixed reason list keeps shapes equal)."""
-    values = [float(counter.get(r, 0)) for r in SKIP_REASONS[:-1]]
-    values.append(float(sum(v for k, v in counter.items() if k not in SKIP_REASONS[:-1])))
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, group=group)
-    return Counter({r: int(v) for r, v in zip(SKIP_REASONS, tensor.tolist()) if v})
+def _gather_skipped(skipped: dict[int, str], group) -> dict[int, str]:
+    """Union of every dp rank's skipped samples (index -> reason)."""
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, skipped, group=group)
+    union: dict[int, str] = {}
+    for part in gathered:
+        union.update(part)
+    return union
 
 
 @torch.no_grad()

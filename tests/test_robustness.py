@@ -1,0 +1,108 @@
+"""Crash safety and bad input: SIGKILL during a save, SIGTERM, broken samples, frozen parts."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _train_utils import ROOT, make_tiny_run_config, read_metrics, run_train, train_losses
+
+
+def _popen_train(config, *args, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.Popen(
+        [sys.executable, "-m", "openspeed", "train", config, *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigkill_during_save_resumes_from_previous_complete_checkpoint(shapes_dir, tmp_path):
+    os.makedirs(tmp_path / "ref", exist_ok=True)
+    ref_cfg = make_tiny_run_config(str(tmp_path / "ref"), shapes_dir, train={"max_steps": 6})
+    reference = run_train(ref_cfg)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    os.makedirs(tmp_path / "crash", exist_ok=True)
+    config = make_tiny_run_config(
+        str(tmp_path / "crash"), shapes_dir, train={"max_steps": 6},
+        checkpoint={"interval": 2, "keep_last": 1, "save_final": False},
+    )
+    run_dir = tmp_path / "crash" / "run"
+    ckpts = run_dir / "checkpoints"
+    # Every save pauses after writing its shards; kill the trainer inside the save of step 4.
+    proc = _popen_train(config, env_extra={"OPENSPEED_TEST_SAVE_PAUSE_S": "2"})
+    try:
+        assert _wait_for(lambda: (ckpts / "step_4.incomplete" / "rng" / "rank0.pt").exists())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert (ckpts / "step_2").is_dir() and (ckpts / "step_4.incomplete").is_dir()
+    assert not (ckpts / "step_4").exists()
+
+    resumed = run_train(config, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 2" in resumed.stderr
+    losses, ref = train_losses(str(run_dir)), train_losses(str(tmp_path / "ref" / "run"))
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    for step in range(3, 7):
+        assert losses[step] == pytest.approx(ref[step], rel=1e-6, abs=0)
+    # keep_last=1: the newest complete checkpoint survives, older ones and the torn one are gone.
+    assert sorted(os.listdir(ckpts)) == ["step_6"]
+
+
+def test_sigterm_saves_and_exits_cleanly(shapes_dir, tmp_path):
+    config = make_tiny_run_config(str(tmp_path), shapes_dir, train={"max_steps": 10_000})
+    run_dir = tmp_path / "run"
+    proc = _popen_train(config)
+    try:
+        assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists()
+                         and len(train_losses(str(run_dir))) >= 2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    step = max(train_losses(str(run_dir)))
+    assert f"SIGTERM: saved checkpoint at step {step}" in stderr
+    assert (run_dir / "checkpoints" / f"step_{step}" / "train_state.json").is_file()
+
+
+def test_broken_samples_are_skipped_and_counted(shapes_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    os.remove(data / first["images"][0])  # a missing image
+    png = data / second["images"][0]
+    png.write_bytes(png.read_bytes()[:60])  # a truncated PNG
+    lines.insert(5, '{"messages": [{"role": "user", "content": "<image>broken')  # a malformed line
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    num_train = len(lines)
+
+    steps = -(-num_train // 8)  # one full epoch, so every bad sample is met
+    config = make_tiny_run_config(str(tmp_path), str(data), train={"max_steps": steps})
+    result = run_train(config, "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped samples: 3 (corrupt_media=1, malformed_record=1, missing_file=1)" in result.stderr
+    final = [r for r in read_metrics(str(tmp_path / "run")) if "skipped_samples" in r][-1]
+    assert final["skipped_samples"] == 3
+    assert final["skipped_by_reason"] == {"corrupt_media": 1, "malformed_record": 1, "missing_file": 1}
+    assert sorted(train_losses(str(tmp_path / "run"))) == list(range(1, steps + 1))
