@@ -79,6 +79,8 @@ class TrainConfig:
     eval_interval: int = 0
     """Validate every N steps (0: only at the end)."""
     eval_max_samples: int | None = None
+    eval_blank_images: bool = False
+    """At the end, also answer the validation questions with blank images and print the held-out line."""
     grad_clip: float = 1.0
     optimization_level: Literal[0, 1, 2] = 2
     deterministic: bool = False

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from _train_utils import ROOT, make_tiny_run_config, read_metrics, run_train, train_losses
 
 

@@ -46,6 +46,12 @@ def test_data_parallel_matches_one_process(layout, reference_run, shapes_dir, tm
     result = run_train(config, "--nproc", "2", layout)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+    # Validation (loss and greedy accuracy) is gathered over the ranks: same figures as one process.
+    val = [r for r in read_metrics(str(tmp_path / "run")) if "val_loss" in r][-1]
+    ref_val = [r for r in read_metrics(ref_dir) if "val_loss" in r][-1]
+    assert val["val_loss"] == pytest.approx(ref_val["val_loss"], rel=1e-4)
+    assert val["val_accuracy_n"] == ref_val["val_accuracy_n"] == 8
+    assert val["val_accuracy"] == ref_val["val_accuracy"]
 
 
 def test_resume_continues_with_identical_losses(reference_run, shapes_dir, tmp_path):

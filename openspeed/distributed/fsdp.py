@@ -4,6 +4,7 @@ over ``dp_replicate`` (HSDP when both are > 1, DDP-like when only ``dp_replicate
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -42,3 +43,27 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Skip the gradient reduction on all but the last micro-batch of a step."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+
+
+@contextmanager
+def gathered_parameters(model: nn.Module, zero_stage: int = 3):
+    """Keep every FSDP unit's parameters gathered inside the block (for inference-style work).
+
+    Once gathered, forwards run without collectives, so ranks may run different numbers of them
+    (e.g. greedy decoding that stops early, or a rank with fewer samples). Costs one full copy of
+    the parameters per rank while inside.
+    """
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            # The root stays gathered after forward in training too (see apply_fsdp).
+            unit.set_reshard_after_forward(unit is not model and zero_stage == 3, recurse=False)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
 from openspeed.config import RunConfig, dump_yaml, resolve_layout
 from openspeed.data.schedule import GlobalBatchSchedule
-from openspeed.distributed.fsdp import set_gradient_sync
+from openspeed.distributed.fsdp import gathered_parameters, set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
 from openspeed.errors import CheckpointError, ConfigError
 from openspeed.tasks.vlm_sft import VLMTask
@@ -222,6 +222,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             if is_main:
                 why = "SIGTERM" if stop_now else f"train.exit_interval={cfg.train.exit_interval}"
                 print(f"{why}: saved checkpoint at step {step}, exiting", file=sys.stderr)
+                _plot(metrics, run_dir)
             metrics.close()
             return {"steps": step - start_step, "stopped_at": step}
 
@@ -235,6 +236,15 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             metrics.log({"step": step, **final_eval})
     if cfg.checkpoint.save_final and last_saved != step and step > start_step:
         save(step)
+    held_out = None
+    if task.val_set is not None and cfg.train.eval_blank_images and step > start_step:
+        indices = _eval_indices(cfg, task.val_set)
+        real = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices)
+        blank = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices, blank_images=True)
+        held_out = {"real": real, "blank": blank}
+        metrics.log({"step": step, "heldout_accuracy": real["accuracy"], "heldout_per_type": real["per_type"],
+                     "heldout_chance": real["chance_accuracy"], "heldout_blank_accuracy": blank["accuracy"],
+                     "heldout_n": real["n"]})
     skipped = Counter(_gather_skipped(task.skipped, dp_group).values())
     seconds = time.perf_counter() - train_start
     summary = {
@@ -254,8 +264,29 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
         parts.append(f"skipped samples: {summary['skipped_samples']}" + (f" ({reasons})" if reasons else ""))
         print("; ".join(parts), file=sys.stderr)
+        _plot(metrics, run_dir)
+        if held_out is not None:
+            real, blank = held_out["real"], held_out["blank"]
+            for qtype in sorted(real["per_type"]):
+                print(f"  {qtype:<10} accuracy {real['per_type'][qtype]:.3f} "
+                      f"(blank-image {blank['per_type'].get(qtype, 0.0):.3f}, n={real['per_type_n'][qtype]})",
+                      flush=True)
+            print(f"held-out accuracy: {real['accuracy']:.3f} (chance {real['chance_accuracy']:.3f}, "
+                  f"blank-image {blank['accuracy']:.3f}, n={real['n']}, {seconds:.0f} s)", flush=True)
+            summary.update(heldout_accuracy=real["accuracy"], heldout_blank_accuracy=blank["accuracy"],
+                           heldout_chance=real["chance_accuracy"], heldout_n=real["n"])
     metrics.close()
     return summary
+
+
+def _plot(metrics: MetricsWriter, run_dir: str) -> None:
+    """loss.png beside metrics.jsonl; a plotting problem never fails a finished run."""
+    from openspeed.training.plotting import plot_losses
+
+    try:
+        plot_losses(metrics.path, os.path.join(run_dir, "loss.png"))
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        print(f"note: could not draw loss.png ({exc})", file=sys.stderr)
 
 
 def _gather_skipped(skipped: dict[int, str], group) -> dict[int, str]:
@@ -270,20 +301,23 @@ def _gather_skipped(skipped: dict[int, str], group) -> dict[int, str]:
 
 @torch.no_grad()
 def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, dp_size: int) -> dict:
-    """Token-mean loss over the validation set (every rank runs the same number of batches)."""
+    """Validation: token-mean loss and greedy-decoding exact-match accuracy.
+
+    The loss pass runs the same number of batches on every rank (sharded forwards need all ranks);
+    decoding runs with the parameters gathered, so each rank answers its share at its own pace.
+    """
     dataset = task.val_set
-    n = len(dataset) if cfg.train.eval_max_samples is None else min(len(dataset), cfg.train.eval_max_samples)
+    indices = _eval_indices(cfg, dataset)
     mbs = cfg.train.micro_batch_size
-    indices = list(range(n))
     per_round = mbs * dp_size
-    rounds = math.ceil(n / per_round)
+    rounds = math.ceil(len(indices) / per_round)
     was_training = model.training
     model.eval()
     loss_sum, targets = 0.0, 0
     for r in range(rounds):
         chunk = indices[r * per_round : (r + 1) * per_round]
         mine = chunk[dp_rank * mbs : (dp_rank + 1) * mbs]
-        batch = task.load_batch(dataset, mine, count_skips=False) if mine else task.load_batch(dataset, [], False)
+        batch = task.load_batch(dataset, mine, count_skips=False)
         count = task.count_targets(batch)
         batch = task.to_device(batch, acc.device)
         with acc.autocast(cfg.train.precision):
@@ -294,7 +328,40 @@ def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, 
         model.train()
     total = _all_reduce(loss_sum, dp_group)
     count = _all_reduce(targets, dp_group)
-    return {"val_loss": total / max(1.0, count), "val_target_tokens": int(count)}
+    result = {"val_loss": total / max(1.0, count), "val_target_tokens": int(count)}
+    scores = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices)
+    result["val_accuracy"] = scores["accuracy"]
+    result["val_accuracy_n"] = scores["n"]
+    return result
+
+
+def _eval_indices(cfg: RunConfig, dataset) -> list[int]:
+    n = len(dataset)
+    if cfg.train.eval_max_samples is not None:
+        n = min(n, cfg.train.eval_max_samples)
+    return list(range(n))
+
+
+@torch.no_grad()
+def vqa_scores(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, dp_size: int,
+               indices: list[int], blank_images: bool = False) -> dict:
+    """Greedy answers to the validation questions at ``indices``, scored on every rank."""
+    from openspeed.eval.vqa import chance_accuracy, evaluate_vqa, score_predictions
+
+    mine = indices[dp_rank::dp_size]
+    with gathered_parameters(model, cfg.parallel.zero_stage), acc.autocast(cfg.train.precision):
+        local = evaluate_vqa(model, task.processor, task.val_set, mine,
+                             batch_size=max(8, cfg.train.micro_batch_size), blank_images=blank_images)
+    parts: list = [None] * dp_size
+    keep = ("predictions", "answers", "qtypes", "skipped")
+    dist.all_gather_object(parts, {k: local[k] for k in keep}, group=dp_group)
+    predictions = [p for part in parts for p in part["predictions"]]
+    answers = [a for part in parts for a in part["answers"]]
+    qtypes = [q for part in parts for q in part["qtypes"]]
+    scores = score_predictions(predictions, answers, qtypes)
+    scores["chance_accuracy"] = chance_accuracy(answers, qtypes)
+    scores["skipped"] = sum(part["skipped"] for part in parts)
+    return scores
 
 
 __all__ = ["run_training", "evaluate", "CheckpointError"]

@@ -1,0 +1,100 @@
+"""Prompt rendering for generation, exactly as ``ConversationDataset`` renders training data.
+
+A model fine-tuned on ``<|im_start|>assistant\\n<answer><|im_end|>`` must be prompted with the same
+token prefix it saw in training, so this module reuses the dataset's renderer
+(:func:`render_conversation`) and expands ``<image>``/``<video>`` tags the same way
+(``<|vision_start|>`` + one pad token per merged patch + ``<|vision_end|>``). The sample builder that
+adds pixels and token ids is :func:`openspeed.inference.generate.build_prompt_sample`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from PIL import Image
+
+from openspeed.data.conversation import (
+    IMAGE_TAG,
+    VIDEO_TAG,
+    normalize_messages,
+    render_conversation,
+)
+from openspeed.data.processor import VLProcessor
+from openspeed.errors import BadSampleError
+
+ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+
+
+def expand_media_tags(
+    content: str,
+    processor: VLProcessor,
+    image_grids: Iterator[list[int]],
+    video_grids: Iterator[list[int]],
+) -> str:
+    """Replace each ``<image>``/``<video>`` tag by its vision placeholder run, in order of appearance.
+
+    Tag ``k`` of a kind takes the next grid of that kind from the iterators (shared across messages,
+    so the numbering runs through the whole conversation as it does in the dataset).
+    """
+    out: list[str] = []
+    rest = content
+    while rest:
+        ii, vi = rest.find(IMAGE_TAG), rest.find(VIDEO_TAG)
+        if ii < 0 and vi < 0:
+            out.append(rest)
+            break
+        if vi < 0 or (0 <= ii < vi):
+            out.append(rest[:ii])
+            n = processor.num_tokens(next(image_grids))
+            out.append("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>")
+            rest = rest[ii + len(IMAGE_TAG) :]
+        else:
+            out.append(rest[:vi])
+            n = processor.num_tokens(next(video_grids))
+            out.append("<|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>")
+            rest = rest[vi + len(VIDEO_TAG) :]
+    return "".join(out)
+
+
+def render_prompt(messages: list[dict[str, str]]) -> str:
+    """Render normalised messages (ending with a user turn) plus the opening of the assistant turn."""
+    text, _ = render_conversation(messages)
+    return text + ASSISTANT_PREFIX
+
+
+def normalize_prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Validate and normalise prompt messages (role/content or ShareGPT from/value).
+
+    The dataset's validator insists on an assistant reply, so a placeholder reply is appended for
+    the check and removed again. Raises ``ValueError`` when the prompt does not end with a user turn
+    (generation would otherwise continue someone else's turn).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("prompt must be a non-empty list of messages")
+    first = messages[0]
+    spelling_sharegpt = isinstance(first, dict) and "from" in first
+    if spelling_sharegpt:
+        record = {"conversations": [*messages, {"from": "gpt", "value": ""}]}
+    else:
+        record = {"messages": [*messages, {"role": "assistant", "content": ""}]}
+    normalized = normalize_messages(record)[:-1]
+    if normalized[-1]["role"] != "user":
+        raise ValueError(f"prompt must end with a user turn, not {normalized[-1]['role']!r}")
+    return normalized
+
+
+def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
+    """An RGB image from a PIL image or a path; ``BadSampleError`` like the dataset's for bad files."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+        raise BadSampleError("missing_file", f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            # Full decode now, so a truncated file fails here and not inside the forward.
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSampleError("corrupt_media", f"unreadable image {path}: {e}") from e
