@@ -16,6 +16,12 @@ USAGE = """usage: openspeed <command> ...
 
 commands:
   train CONFIG [--nproc N] [key=value ...]   train a model (see docs/config.md)
+  chat --checkpoint RUN_DIR [--image IMG ...] "question"
+                                              answer a question about images with a trained run
+  chat --checkpoint RUN_DIR --questions FILE.jsonl [--out FILE.jsonl]
+                                              answer a batch of questions, write JSONL
+  convert RUN_DIR --to hf --out DIR [--max-shard-size 2GB]
+                                              export a run's latest checkpoint in Hugging Face format
   data shapes --out DIR [--num N]             write the synthetic shapes VQA set and a tiny model dir
 """
 
@@ -34,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(rest)
         if command == "data":
             return cmd_data(rest)
-        raise OpenSpeedError(f"unknown command '{command}' (commands: train, data)")
+        if command == "chat":
+            return cmd_chat(rest)
+        if command == "convert":
+            return cmd_convert(rest)
+        raise OpenSpeedError(f"unknown command '{command}' (commands: train, chat, convert, data)")
     except OpenSpeedError as exc:
         report_user_error(str(exc))
         return EXIT_USER_ERROR
@@ -173,6 +183,77 @@ def launch(nproc: int, worker_args: list[str]) -> int:
             return EXIT_USER_ERROR
         print(f"error: a training process failed (exit code {exit_code}); its output is above", file=sys.stderr)
         return 1
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def cmd_chat(args: list[str]) -> int:
+    parser = _ArgParser(prog="openspeed chat")
+    parser.add_argument("--checkpoint", required=True, help="run directory or one of its checkpoints")
+    parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    parser.add_argument("--questions", help="JSONL of {image(s), question} or conversation records")
+    parser.add_argument("--out", help="where --questions answers go (default: stdout)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("question", nargs="?")
+    ns = parser.parse_args(args)
+    if (ns.question is None) == (ns.questions is None):
+        raise OpenSpeedError("openspeed chat: give either a question or --questions FILE.jsonl")
+    for path in [*ns.image, *([ns.questions] if ns.questions else [])]:
+        if not os.path.isfile(path):
+            raise OpenSpeedError(f"file not found: {path}")
+    if not os.path.isdir(ns.checkpoint):
+        raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
+
+    from openspeed.inference.chat import answer_file, answer_one
+
+    if ns.question is not None:
+        print(answer_one(ns.checkpoint, ns.question, ns.image, max_new_tokens=ns.max_new_tokens))
+        return 0
+    count, skipped = answer_file(ns.checkpoint, ns.questions, ns.out, max_new_tokens=ns.max_new_tokens,
+                                 batch_size=ns.batch_size)
+    if ns.out:
+        print(f"answered {count} questions ({skipped} skipped) -> {ns.out}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if unit and number.endswith(unit):
+            number, factor = number[: -len(unit)], units[unit]
+            break
+    else:
+        factor = 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise OpenSpeedError(f"--max-shard-size: cannot read '{text}' (e.g. 2GB, 500MB)") from None
+    if value < 1:
+        raise OpenSpeedError(f"--max-shard-size: must be positive, got '{text}'")
+    return value
+
+
+def cmd_convert(args: list[str]) -> int:
+    parser = _ArgParser(prog="openspeed convert")
+    parser.add_argument("run_dir", help="run directory or one of its checkpoints")
+    parser.add_argument("--to", choices=["hf"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-shard-size", default="2GB")
+    ns = parser.parse_args(args)
+    shard = _parse_size(ns.max_shard_size)
+    if not os.path.isdir(ns.run_dir):
+        raise OpenSpeedError(f"run directory not found: {ns.run_dir}")
+    from openspeed.training.export import export_hf
+
+    out = export_hf(ns.run_dir, ns.out, max_shard_size_bytes=shard)
+    print(f"wrote a Hugging Face-format model to {out}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- data
