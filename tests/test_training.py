@@ -39,11 +39,11 @@ def test_single_process_run_writes_metrics_and_config(reference_run):
     assert "trained 5 steps" in result.stderr
 
 
-@pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.dp_replicate=2"])
+@pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.dp_replicate=2 data.num_workers=1"])
 def test_data_parallel_matches_one_process(layout, reference_run, shapes_dir, tmp_path):
     ref_dir, _ = reference_run
     config = make_tiny_run_config(str(tmp_path), shapes_dir)
-    result = run_train(config, "--nproc", "2", layout)
+    result = run_train(config, "--nproc", "2", *layout.split())
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
     # Validation (loss and greedy accuracy) is gathered over the ranks: same figures as one process.

@@ -53,12 +53,13 @@ class VLMTask:
 
     # ------------------------------------------------------------------ batches
 
-    def _fetch(self, dataset, index: int, record_skips: bool) -> dict[str, Any] | None:
+    @staticmethod
+    def _fetch(dataset, index: int, skips: dict[int, str] | None) -> dict[str, Any] | None:
         try:
             return dataset[index]
         except BadSampleError as exc:
-            if record_skips:
-                self.skipped[index] = exc.reason
+            if skips is not None:
+                skips[index] = exc.reason
             return None
 
     def _masked_fallback(self, dataset) -> dict[str, Any]:
@@ -78,10 +79,9 @@ class VLMTask:
                 raise DataError("no usable sample in the data set: every record was skipped")
         return self._fallback[key]
 
-    def load_batch(self, dataset, indices: list[int], count_skips: bool = True) -> dict[str, Any]:
-        """Collate the usable samples among ``indices``; bad ones are skipped and counted."""
-        record = count_skips and dataset is self.train_set
-        samples = [s for s in (self._fetch(dataset, i, record) for i in indices) if s is not None]
+    def load_batch(self, dataset, indices: list[int], skips: dict[int, str] | None = None) -> dict[str, Any]:
+        """Collate the usable samples among ``indices``; bad ones are skipped (and noted in ``skips``)."""
+        samples = [s for s in (self._fetch(dataset, i, skips) for i in indices) if s is not None]
         if not samples:
             samples = [self._masked_fallback(dataset)]
         return self.collator(samples)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
 from openspeed.config import RunConfig, dump_yaml, resolve_layout
+from openspeed.data.loader import step_batches
 from openspeed.data.schedule import GlobalBatchSchedule
 from openspeed.distributed.fsdp import gathered_parameters, set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
@@ -165,11 +166,12 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     profiler = StepProfiler(cfg.profile, rank, run_dir)
     last_eval: dict = {}
     step = start_step
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
+    loader = step_batches(task, schedule, start_step + 1, cfg.train.max_steps, dp_rank, dp_size,
+                          cfg.train.micro_batch_size, cfg.data.num_workers)
+    for step, (batches, skips) in zip(range(start_step + 1, cfg.train.max_steps + 1), loader):
         profiler.before_step(step)
         t0 = time.perf_counter()
-        micro_indices = schedule.micro_batches(step, dp_rank, dp_size, cfg.train.micro_batch_size)
-        batches = [task.load_batch(task.train_set, idx) for idx in micro_indices]
+        task.skipped.update(skips)
         targets = _all_reduce(sum(task.count_targets(b) for b in batches), dp_group)
         tokens = _all_reduce(sum(task.count_tokens(b) for b in batches), dp_group)
 
@@ -317,7 +319,7 @@ def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, 
     for r in range(rounds):
         chunk = indices[r * per_round : (r + 1) * per_round]
         mine = chunk[dp_rank * mbs : (dp_rank + 1) * mbs]
-        batch = task.load_batch(dataset, mine, count_skips=False)
+        batch = task.load_batch(dataset, mine)
         count = task.count_targets(batch)
         batch = task.to_device(batch, acc.device)
         with acc.autocast(cfg.train.precision):
