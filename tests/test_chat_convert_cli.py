@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from _train_utils import ROOT, make_tiny_run_config, run_train
 
 

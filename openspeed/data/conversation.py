@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +187,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.video_max_frames = video_max_frames
         self._records = _read_records(self.path)
         # Cached once: tag expansion and tokenisation run for every sample.
-        self._image_pad = "<|image_pad|>"
-        self._video_pad = "<|video_pad|>"
 
     def __len__(self) -> int:
         return len(self._records)
@@ -236,36 +235,14 @@ class ConversationDataset(torch.utils.data.Dataset):
                 f"{len(image_paths)} images/{len(video_paths)} videos",
             )
 
-        proc = self.processor
-        pixel_values = image_grid_thw = None
-        if image_paths:
-            images = [self._load_image(p) for p in image_paths]
-            try:
-                pixel_values, image_grid_thw = proc.process_images(images)
-            except ValueError as e:  # e.g. an extreme aspect ratio
-                raise BadSampleError("corrupt_media", f"record {i}: {e}") from e
-
-        pixel_values_videos = video_grid_thw = second_per_grid_ts = None
-        if video_paths:
-            vids, grids, seconds = [], [], []
-            for vp in video_paths:
-                frames, fps = proc.load_video(vp, fps=self.video_fps, max_frames=self.video_max_frames)
-                try:
-                    pv, grid, spg = proc.process_video(frames, fps)
-                except ValueError as e:
-                    raise BadSampleError("corrupt_media", f"record {i}: video {vp}: {e}") from e
-                vids.append(pv)
-                grids.append(grid)
-                seconds.append(spg)
-            pixel_values_videos = torch.cat(vids)
-            video_grid_thw = torch.cat(grids)
-            second_per_grid_ts = torch.tensor(seconds, dtype=torch.float32)
-
+        images = [self._load_image(p) for p in image_paths]
+        videos = [
+            self.processor.load_video(vp, fps=self.video_fps, max_frames=self.video_max_frames)
+            for vp in video_paths
+        ]
+        media = encode_media(self.processor, images, videos, where=f"record {i}")
         # Expand tags in order of appearance, image k taking image_grid_thw[k].
-        image_iter = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-        video_iter = iter(video_grid_thw.tolist() if video_grid_thw is not None else [])
-        for msg in messages:
-            msg["content"] = self._expand_tags(msg["content"], image_iter, video_iter)
+        expand_all_media_tags(messages, self.processor, media)
 
         text, spans = render_conversation(messages)
         input_ids, labels = self._tokenize_with_labels(text, spans)
@@ -273,37 +250,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise BadSampleError(
                 "too_long", f"record {i}: {len(input_ids)} tokens > max_seq_len {self.max_seq_len}"
             )
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "pixel_values": pixel_values,
-            "image_grid_thw": image_grid_thw,
-            "pixel_values_videos": pixel_values_videos,
-            "video_grid_thw": video_grid_thw,
-            "second_per_grid_ts": second_per_grid_ts,
-        }
-
-    def _expand_tags(self, content: str, image_iter, video_iter) -> str:
-        if IMAGE_TAG not in content and VIDEO_TAG not in content:
-            return content
-        out: list[str] = []
-        rest = content
-        while rest:
-            ii, vi = rest.find(IMAGE_TAG), rest.find(VIDEO_TAG)
-            if ii < 0 and vi < 0:
-                out.append(rest)
-                break
-            if vi < 0 or (0 <= ii < vi):
-                out.append(rest[:ii])
-                n = self.processor.num_tokens(next(image_iter))
-                out.append("<|vision_start|>" + self._image_pad * n + "<|vision_end|>")
-                rest = rest[ii + len(IMAGE_TAG) :]
-            else:
-                out.append(rest[:vi])
-                n = self.processor.num_tokens(next(video_iter))
-                out.append("<|vision_start|>" + self._video_pad * n + "<|vision_end|>")
-                rest = rest[vi + len(VIDEO_TAG) :]
-        return "".join(out)
+        return {"input_ids": input_ids, "labels": labels, **media}
 
     def _tokenize_with_labels(
         self, text: str, spans: list[tuple[int, int]]
@@ -326,3 +273,84 @@ class ConversationDataset(torch.utils.data.Dataset):
             if start >= spans[span_idx][0]:
                 labels[t] = ids[t]
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def encode_media(
+    processor: VLProcessor,
+    images: list[Image.Image],
+    videos: list[tuple[list[Image.Image], float]],
+    where: str,
+) -> dict[str, torch.Tensor | None]:
+    """Patch images and videos (given as ``(frames, fps)``) into the model's vision inputs.
+
+    Returns ``pixel_values``, ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw`` and
+    ``second_per_grid_ts`` (``None`` when there is no image / video). Media the processor rejects
+    (an extreme aspect ratio, say) raise ``BadSampleError("corrupt_media")`` naming ``where``.
+    """
+    pixel_values = image_grid_thw = None
+    if images:
+        try:
+            pixel_values, image_grid_thw = processor.process_images(images)
+        except ValueError as e:
+            raise BadSampleError("corrupt_media", f"{where}: {e}") from e
+    pixel_values_videos = video_grid_thw = second_per_grid_ts = None
+    if videos:
+        parts, grids, seconds = [], [], []
+        for k, (frames, fps) in enumerate(videos):
+            try:
+                pv, grid, spg = processor.process_video(list(frames), fps)
+            except ValueError as e:
+                raise BadSampleError("corrupt_media", f"{where}: video {k}: {e}") from e
+            parts.append(pv)
+            grids.append(grid)
+            seconds.append(spg)
+        pixel_values_videos = torch.cat(parts)
+        video_grid_thw = torch.cat(grids)
+        second_per_grid_ts = torch.tensor(seconds, dtype=torch.float32)
+    return {
+        "pixel_values": pixel_values,
+        "image_grid_thw": image_grid_thw,
+        "pixel_values_videos": pixel_values_videos,
+        "video_grid_thw": video_grid_thw,
+        "second_per_grid_ts": second_per_grid_ts,
+    }
+
+
+def expand_media_tags(
+    content: str,
+    processor: VLProcessor,
+    image_grids: Iterator[list[int]],
+    video_grids: Iterator[list[int]],
+) -> str:
+    """Replace each ``<image>``/``<video>`` tag by its vision placeholder run, in order of appearance.
+
+    Tag ``k`` of a kind takes the next grid of that kind from the iterators (shared across messages,
+    so the numbering runs through the whole conversation).
+    """
+    out: list[str] = []
+    rest = content
+    while rest:
+        ii, vi = rest.find(IMAGE_TAG), rest.find(VIDEO_TAG)
+        if ii < 0 and vi < 0:
+            out.append(rest)
+            break
+        if vi < 0 or (0 <= ii < vi):
+            out.append(rest[:ii])
+            n = processor.num_tokens(next(image_grids))
+            out.append("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>")
+            rest = rest[ii + len(IMAGE_TAG) :]
+        else:
+            out.append(rest[:vi])
+            n = processor.num_tokens(next(video_grids))
+            out.append("<|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>")
+            rest = rest[vi + len(VIDEO_TAG) :]
+    return "".join(out)
+
+
+def expand_all_media_tags(messages: list[dict[str, str]], processor: VLProcessor, media: dict) -> None:
+    """Expand the tags of every message in place with the grids in ``media`` (see encode_media)."""
+    grids = media["image_grid_thw"], media["video_grid_thw"]
+    image_iter = iter(grids[0].tolist() if grids[0] is not None else [])
+    video_iter = iter(grids[1].tolist() if grids[1] is not None else [])
+    for msg in messages:
+        msg["content"] = expand_media_tags(msg["content"], processor, image_iter, video_iter)

@@ -10,52 +10,14 @@ adds pixels and token ids is :func:`openspeed.inference.generate.build_prompt_sa
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 from PIL import Image
 
-from openspeed.data.conversation import (
-    IMAGE_TAG,
-    VIDEO_TAG,
-    normalize_messages,
-    render_conversation,
-)
-from openspeed.data.processor import VLProcessor
+from openspeed.data.conversation import normalize_messages, render_conversation
 from openspeed.errors import BadSampleError
 
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"
-
-
-def expand_media_tags(
-    content: str,
-    processor: VLProcessor,
-    image_grids: Iterator[list[int]],
-    video_grids: Iterator[list[int]],
-) -> str:
-    """Replace each ``<image>``/``<video>`` tag by its vision placeholder run, in order of appearance.
-
-    Tag ``k`` of a kind takes the next grid of that kind from the iterators (shared across messages,
-    so the numbering runs through the whole conversation as it does in the dataset).
-    """
-    out: list[str] = []
-    rest = content
-    while rest:
-        ii, vi = rest.find(IMAGE_TAG), rest.find(VIDEO_TAG)
-        if ii < 0 and vi < 0:
-            out.append(rest)
-            break
-        if vi < 0 or (0 <= ii < vi):
-            out.append(rest[:ii])
-            n = processor.num_tokens(next(image_grids))
-            out.append("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>")
-            rest = rest[ii + len(IMAGE_TAG) :]
-        else:
-            out.append(rest[:vi])
-            n = processor.num_tokens(next(video_grids))
-            out.append("<|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>")
-            rest = rest[vi + len(VIDEO_TAG) :]
-    return "".join(out)
 
 
 def render_prompt(messages: list[dict[str, str]]) -> str:

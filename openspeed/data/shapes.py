@@ -430,8 +430,8 @@ def make_shapes_dataset(
     val_fraction: float = 0.1,
     model_kwargs: dict[str, Any] | None = None,
     *,
-    grid_size: int = 3,
-    max_shapes: int = 4,
+    grid_size: int = 2,
+    max_shapes: int = 3,
 ) -> dict[str, Any]:
     """Generate the synthetic shapes VQA set: ``num`` images with one question each.
 

@@ -27,9 +27,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from openspeed.data.conversation import IGNORE_INDEX, IMAGE_TAG, VIDEO_TAG
+from openspeed.data.conversation import (
+    IGNORE_INDEX,
+    IMAGE_TAG,
+    VIDEO_TAG,
+    encode_media,
+    expand_all_media_tags,
+)
 from openspeed.data.processor import VLProcessor
-from openspeed.data.prompt import expand_media_tags, load_image, normalize_prompt_messages, render_prompt
+from openspeed.data.prompt import load_image, normalize_prompt_messages, render_prompt
 from openspeed.errors import BadSampleError
 
 # The model's forward keyword inputs that a collated batch may carry; labels and anything else the
@@ -188,46 +194,15 @@ def build_prompt_sample(
             f"{len(images)} images/{len(videos)} videos",
         )
 
-    pixel_values = image_grid_thw = None
-    if images:
-        try:
-            pixel_values, image_grid_thw = processor.process_images([load_image(im) for im in images])
-        except ValueError as e:  # e.g. an extreme aspect ratio
-            raise BadSampleError("corrupt_media", f"prompt image: {e}") from e
-
-    pixel_values_videos = video_grid_thw = second_per_grid_ts = None
-    if videos:
-        pixel_parts, grids, seconds = [], [], []
-        for video in videos:
-            if isinstance(video, tuple):
-                frames, fps = video
-            else:
-                frames, fps = processor.load_video(video, fps=video_fps, max_frames=video_max_frames)
-            try:
-                pv, grid, spg = processor.process_video(list(frames), fps)
-            except ValueError as e:
-                raise BadSampleError("corrupt_media", f"prompt video: {e}") from e
-            pixel_parts.append(pv)
-            grids.append(grid)
-            seconds.append(spg)
-        pixel_values_videos = torch.cat(pixel_parts)
-        video_grid_thw = torch.cat(grids)
-        second_per_grid_ts = torch.tensor(seconds, dtype=torch.float32)
-
-    image_iter = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-    video_iter = iter(video_grid_thw.tolist() if video_grid_thw is not None else [])
-    for msg in messages:
-        msg["content"] = expand_media_tags(msg["content"], processor, image_iter, video_iter)
+    loaded_videos = [
+        video if isinstance(video, tuple)
+        else processor.load_video(video, fps=video_fps, max_frames=video_max_frames)
+        for video in videos
+    ]
+    media = encode_media(processor, [load_image(im) for im in images], loaded_videos, where="prompt")
+    expand_all_media_tags(messages, processor, media)
 
     # One tokenizer call over the whole string, as the dataset does, so ids match training exactly.
     ids = processor.tokenizer(render_prompt(messages), add_special_tokens=False)["input_ids"]
     input_ids = torch.tensor(ids, dtype=torch.long)
-    return {
-        "input_ids": input_ids,
-        "labels": torch.full_like(input_ids, IGNORE_INDEX),
-        "pixel_values": pixel_values,
-        "image_grid_thw": image_grid_thw,
-        "pixel_values_videos": pixel_values_videos,
-        "video_grid_thw": video_grid_thw,
-        "second_per_grid_ts": second_per_grid_ts,
-    }
+    return {"input_ids": input_ids, "labels": torch.full_like(input_ids, IGNORE_INDEX), **media}
