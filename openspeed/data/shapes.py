@@ -78,15 +78,15 @@ _BASE_CORPUS: tuple[str, ...] = (
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Four well-separated colours and four distinct outlines: a model of a few hundred thousand
+# parameters learns them from scratch within the demo's ten minutes on a 2-core CPU.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
     "blue": (50, 90, 235),
     "yellow": (240, 220, 40),
-    "purple": (155, 60, 205),
-    "orange": (250, 140, 30),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 COUNT_WORDS: tuple[str, ...] = (
     "zero",
     "one",
