@@ -64,6 +64,11 @@ def load_weights_into(model: nn.Module, spec: ModelSpec, config, path: str) -> N
     if missing:
         raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}" +
                               (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(params)
+    unexpected = [name for name in native if name not in params and name not in tied]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected weights {', '.join(unexpected[:3])}" +
+                              (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
     for name, param in params.items():
         value = native[name]
         if tuple(value.shape) != tuple(param.shape):
