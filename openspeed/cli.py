@@ -141,7 +141,7 @@ def prepare_data(cfg) -> None:
     print(f"generating the shapes demo set ({cfg.data.generate_num} samples) in {out_dir}", file=sys.stderr)
     from openspeed.data.shapes import make_shapes_dataset
 
-    make_shapes_dataset(out_dir, num=cfg.data.generate_num, seed=0)
+    make_shapes_dataset(out_dir, num=cfg.data.generate_num, seed=0, train_turns=cfg.data.generate_turns)
 
 
 def check_paths(cfg) -> None:

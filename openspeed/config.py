@@ -44,6 +44,8 @@ class DataConfig:
     """Synthetic data set made on first use when train_path is missing."""
     generate_dir: str | None = None
     generate_num: int = 2000
+    generate_turns: int = 1
+    """Questions per training image in the synthetic set (validation always asks one)."""
     packing: bool = False
 
 

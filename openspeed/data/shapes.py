@@ -432,6 +432,7 @@ def make_shapes_dataset(
     *,
     grid_size: int = 2,
     max_shapes: int = 3,
+    train_turns: int = 1,
 ) -> dict[str, Any]:
     """Generate the synthetic shapes VQA set: ``num`` images with one question each.
 
@@ -440,6 +441,8 @@ def make_shapes_dataset(
     (``model_kwargs`` are passed through). Each image holds 1..``max_shapes`` shapes of distinct
     kinds (so "the triangle" is unambiguous) on distinct cells of a ``grid_size`` grid. Records
     carry ``messages``, ``images``, ``qtype``, ``answer``, ``id`` and the ``scene``.
+    With ``train_turns > 1`` each training record asks up to that many questions (of different
+    types) about its image in one conversation; validation records always ask one.
     Deterministic for a given seed. Returns a dict of the written paths and split sizes.
     """
     if num < 1:
@@ -455,6 +458,8 @@ def make_shapes_dataset(
     qtypes = [QTYPES[i % len(QTYPES)] for i in range(num)]
     qtypes = [qtypes[i] for i in rng.permutation(num)]
 
+    num_val = min(num - 1, round(num * val_fraction)) if num > 1 else 0
+    num_train = num - num_val
     records = []
     for i in range(num):
         n_obj = int(rng.integers(1, max_shapes + 1))
@@ -474,13 +479,20 @@ def make_shapes_dataset(
         rel = f"images/{i:06d}.png"
         img.save(out / rel, compress_level=1)
         question, answer = _make_question(objects, qtypes[i], rng)
+        messages = [
+            {"role": "user", "content": "<image>" + question},
+            {"role": "assistant", "content": answer},
+        ]
+        if i < num_train and train_turns > 1:
+            # Follow-up questions about the same image: several answers per vision forward.
+            others = [q for q in QTYPES if q != qtypes[i]]
+            for qtype in [others[int(k)] for k in rng.permutation(len(others))][: train_turns - 1]:
+                follow_q, follow_a = _make_question(objects, qtype, rng)
+                messages += [{"role": "user", "content": follow_q}, {"role": "assistant", "content": follow_a}]
         records.append(
             {
                 "id": f"shapes-{i:06d}",
-                "messages": [
-                    {"role": "user", "content": "<image>" + question},
-                    {"role": "assistant", "content": answer},
-                ],
+                "messages": messages,
                 "images": [rel],
                 "qtype": qtypes[i],
                 "answer": answer,
@@ -488,8 +500,6 @@ def make_shapes_dataset(
             }
         )
 
-    num_val = min(num - 1, round(num * val_fraction)) if num > 1 else 0
-    num_train = num - num_val
     for name, part in (("train.jsonl", records[:num_train]), ("val.jsonl", records[num_train:])):
         with open(out / name, "w", encoding="utf-8") as f:
             for rec in part:
