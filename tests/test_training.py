@@ -77,3 +77,28 @@ def test_worker_side_user_error_is_one_line(shapes_dir, tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no trainable parameters" in lines[0], result.stderr
+
+
+def test_tied_embeddings_and_bf16_under_fsdp(shapes_dir, tmp_path):
+    """A tied-embedding model trains identically sharded (fp32), and bf16 autocast stays close."""
+    from openspeed.data.shapes import shapes_vocabulary, write_tiny_model_dir
+
+    tied_dir = str(tmp_path / "data")
+    import shutil
+
+    shutil.copytree(shapes_dir, tied_dir)
+    shutil.rmtree(os.path.join(tied_dir, "model"))
+    write_tiny_model_dir(os.path.join(tied_dir, "model"), shapes_vocabulary(2, 3), tie_word_embeddings=True)
+    losses = {}
+    for name, extra in (("one", []), ("fsdp", ["--nproc", "2", "parallel.dp_shard=2"]),
+                        ("bf16", ["train.precision=bf16"])):
+        os.makedirs(tmp_path / name)
+        config = make_tiny_run_config(str(tmp_path / name), tied_dir, train={"max_steps": 3},
+                                      data={"val_path": None})
+        result = run_train(config, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[name] = train_losses(str(tmp_path / name / "run"))
+    for step in (1, 2, 3):
+        assert losses["fsdp"][step] == pytest.approx(losses["one"][step], rel=1e-4)
+        assert losses["bf16"][step] == pytest.approx(losses["one"][step], rel=5e-2)
+    assert losses["one"][3] < losses["one"][1]
