@@ -208,16 +208,6 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise BadSampleError("malformed_record", f"record {i}: '{key}' must be a list of paths")
         return [Path(v) if os.path.isabs(v) else self.media_root / v for v in value]
 
-    def _load_image(self, path: Path) -> Image.Image:
-        if not path.is_file():
-            raise BadSampleError("missing_file", f"image not found: {path}")
-        try:
-            with Image.open(path) as im:
-                # Full decode here, so a truncated file fails now rather than inside the model step.
-                return im.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadSampleError("corrupt_media", f"unreadable image {path}: {e}") from e
-
     def __getitem__(self, i: int) -> dict[str, Any]:
         rec = self.record(i)
         try:
@@ -226,16 +216,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise BadSampleError("malformed_record", f"record {i} of {self.path}: {e}") from e
         image_paths = self._media_list(rec, "images", i)
         video_paths = self._media_list(rec, "videos", i)
-        n_image_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-        n_video_tags = sum(m["content"].count(VIDEO_TAG) for m in messages)
-        if n_image_tags != len(image_paths) or n_video_tags != len(video_paths):
-            raise BadSampleError(
-                "malformed_record",
-                f"record {i}: {n_image_tags} <image>/{n_video_tags} <video> tags for "
-                f"{len(image_paths)} images/{len(video_paths)} videos",
-            )
-
-        images = [self._load_image(p) for p in image_paths]
+        check_media_tags(messages, len(image_paths), len(video_paths), where=f"record {i}")
+        images = [load_image(p) for p in image_paths]
         videos = [
             self.processor.load_video(vp, fps=self.video_fps, max_frames=self.video_max_frames)
             for vp in video_paths
@@ -354,3 +336,30 @@ def expand_all_media_tags(messages: list[dict[str, str]], processor: VLProcessor
     video_iter = iter(grids[1].tolist() if grids[1] is not None else [])
     for msg in messages:
         msg["content"] = expand_media_tags(msg["content"], processor, image_iter, video_iter)
+
+
+def check_media_tags(messages: list[dict[str, str]], num_images: int, num_videos: int, where: str) -> None:
+    """One ``<image>`` / ``<video>`` tag per image / video, else ``BadSampleError("malformed_record")``."""
+    n_image_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    n_video_tags = sum(m["content"].count(VIDEO_TAG) for m in messages)
+    if n_image_tags != num_images or n_video_tags != num_videos:
+        raise BadSampleError(
+            "malformed_record",
+            f"{where}: {n_image_tags} <image>/{n_video_tags} <video> tags for "
+            f"{num_images} images/{num_videos} videos",
+        )
+
+
+def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
+    """An RGB image from a PIL image or a path; missing or unreadable files raise ``BadSampleError``."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    path = os.fspath(image)
+    if not os.path.isfile(path):
+        raise BadSampleError("missing_file", f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            # Full decode now, so a truncated file fails here rather than inside the model step.
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSampleError("corrupt_media", f"unreadable image {path}: {e}") from e

@@ -9,13 +9,9 @@ adds pixels and token ids is :func:`openspeed.inference.generate.build_prompt_sa
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from PIL import Image
-
 from openspeed.data.conversation import normalize_messages, render_conversation
-from openspeed.errors import BadSampleError
 
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"
 
@@ -45,18 +41,3 @@ def normalize_prompt_messages(messages: list[dict[str, Any]]) -> list[dict[str, 
     if normalized[-1]["role"] != "user":
         raise ValueError(f"prompt must end with a user turn, not {normalized[-1]['role']!r}")
     return normalized
-
-
-def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """An RGB image from a PIL image or a path; ``BadSampleError`` like the dataset's for bad files."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    path = os.fspath(image)
-    if not os.path.isfile(path):
-        raise BadSampleError("missing_file", f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            # Full decode now, so a truncated file fails here and not inside the forward.
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadSampleError("corrupt_media", f"unreadable image {path}: {e}") from e

@@ -19,9 +19,8 @@ from PIL import Image
 from torch import nn
 
 from openspeed.data.collator import VLCollator
-from openspeed.data.conversation import ConversationDataset, normalize_messages
+from openspeed.data.conversation import ConversationDataset, load_image, normalize_messages
 from openspeed.data.processor import VLProcessor
-from openspeed.data.prompt import load_image
 from openspeed.errors import BadSampleError
 from openspeed.inference.generate import build_prompt_sample, greedy_generate
 

@@ -29,13 +29,13 @@ from torch import nn
 
 from openspeed.data.conversation import (
     IGNORE_INDEX,
-    IMAGE_TAG,
-    VIDEO_TAG,
+    check_media_tags,
     encode_media,
     expand_all_media_tags,
+    load_image,
 )
 from openspeed.data.processor import VLProcessor
-from openspeed.data.prompt import load_image, normalize_prompt_messages, render_prompt
+from openspeed.data.prompt import normalize_prompt_messages, render_prompt
 from openspeed.errors import BadSampleError
 
 # The model's forward keyword inputs that a collated batch may carry; labels and anything else the
@@ -185,14 +185,7 @@ def build_prompt_sample(
         raise BadSampleError("malformed_record", f"prompt: {e}") from e
     images = list(images or [])
     videos = list(videos or [])
-    n_image_tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-    n_video_tags = sum(m["content"].count(VIDEO_TAG) for m in messages)
-    if n_image_tags != len(images) or n_video_tags != len(videos):
-        raise BadSampleError(
-            "malformed_record",
-            f"prompt has {n_image_tags} <image>/{n_video_tags} <video> tags for "
-            f"{len(images)} images/{len(videos)} videos",
-        )
+    check_media_tags(messages, len(images), len(videos), where="prompt")
 
     loaded_videos = [
         video if isinstance(video, tuple)
