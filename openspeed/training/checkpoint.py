@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from openspeed.errors import CheckpointError
 
@@ -91,25 +91,18 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load model (and optimizer) state in place; return (train_state, this rank's rng or None)."""
+    """Load model and optimizer state in place; return (train_state, this rank's rng or None)."""
     state_file = os.path.join(path, TRAIN_STATE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"checkpoint {path} is incomplete or not a checkpoint (no {TRAIN_STATE})")
     with open(state_file, encoding="utf-8") as fh:
         train_state = json.load(fh)
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        state = {"model": get_state_dict(model, [])[0]}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={},
-                       options=StateDictOptions(strict=True))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = None
     rng_file = os.path.join(path, "rng", f"rank{dist.get_rank()}.pt")
     if train_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):

@@ -45,17 +45,6 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full.to(device=param.device, dtype=param.dtype))
 
 
-def canonical_names(model: nn.Module) -> dict[str, str]:
-    """Map every parameter name to the first name of the same tensor (tied weights share one)."""
-    first: dict[int, str] = {}
-    names = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        key = id(param)
-        first.setdefault(key, name)
-        names[name] = first[key]
-    return names
-
-
 def init_weights(model: nn.Module, seed: int, std: float) -> None:
     """Initialise every parameter of ``model`` (sharded or not) from (seed, name)."""
     for name, param in model.named_parameters():

@@ -20,7 +20,7 @@ from openspeed.data.loader import step_batches
 from openspeed.data.schedule import GlobalBatchSchedule
 from openspeed.distributed.fsdp import gathered_parameters, set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
-from openspeed.errors import CheckpointError, ConfigError
+from openspeed.errors import ConfigError
 from openspeed.tasks.vlm_sft import VLMTask
 from openspeed.training import checkpoint as ckpt
 from openspeed.training.metrics import MetricsWriter, Progress
@@ -42,10 +42,11 @@ class _StopFlag:
         self.requested = True
 
 
-def _all_reduce(value: float | int, group, dtype=torch.float64) -> float:
-    tensor = torch.tensor([value], dtype=dtype)
+def _all_reduce(*values: float, group) -> list[float]:
+    """Sum each value over ``group`` in one collective."""
+    tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor, group=group)
-    return tensor.item()
+    return tensor.tolist()
 
 
 def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
@@ -108,7 +109,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
 
     task = VLMTask(cfg)
-    model, spec, model_config = build_training_model(cfg, dims, acc.device)
+    model, _, _ = build_training_model(cfg, dims, acc.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
@@ -172,8 +173,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         profiler.before_step(step)
         t0 = time.perf_counter()
         task.skipped.update(skips)
-        targets = _all_reduce(sum(task.count_targets(b) for b in batches), dp_group)
-        tokens = _all_reduce(sum(task.count_tokens(b) for b in batches), dp_group)
+        targets, tokens = _all_reduce(sum(task.count_targets(b) for b in batches),
+                                      sum(task.count_tokens(b) for b in batches), group=dp_group)
 
         loss_sum = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(batches):
@@ -211,12 +212,13 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             progress.write(f"profiler trace written to {trace}")
 
         if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-            last_eval = {"step": step, **evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)}
-            metrics.log(last_eval)
+            record, scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
+            last_eval = {"step": step, "record": record, "scores": scores}
+            metrics.log({"step": step, **record})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             save(step)
         exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
-        stop_now = _all_reduce(1.0 if stop.requested else 0.0, None) > 0
+        stop_now = _all_reduce(1.0 if stop.requested else 0.0, group=None)[0] > 0
         if (stop_now or exit_now) and step < cfg.train.max_steps:
             if last_saved != step:
                 save(step)
@@ -229,19 +231,20 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             return {"steps": step - start_step, "stopped_at": step}
 
     progress.close()
-    final_eval = {}
+    final_eval, final_scores = {}, None
     if task.val_set is not None and step > start_step:
         if last_eval.get("step") == step:
-            final_eval = {k: v for k, v in last_eval.items() if k != "step"}
+            final_eval, final_scores = last_eval["record"], last_eval["scores"]
         else:
-            final_eval = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
+            final_eval, final_scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
             metrics.log({"step": step, **final_eval})
     if cfg.checkpoint.save_final and last_saved != step and step > start_step:
         save(step)
     held_out = None
-    if task.val_set is not None and cfg.train.eval_blank_images and step > start_step:
+    if final_scores is not None and cfg.train.eval_blank_images:
+        # The real-image answers are the final validation's; only the blank-image pass is new.
         indices = _eval_indices(cfg, task.val_set)
-        real = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices)
+        real = final_scores
         blank = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices, blank_images=True)
         held_out = {"real": real, "blank": blank}
         metrics.log({"step": step, "heldout_accuracy": real["accuracy"], "heldout_per_type": real["per_type"],
@@ -302,8 +305,11 @@ def _gather_skipped(skipped: dict[int, str], group) -> dict[int, str]:
 
 
 @torch.no_grad()
-def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, dp_size: int) -> dict:
+def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int,
+             dp_size: int) -> tuple[dict, dict]:
     """Validation: token-mean loss and greedy-decoding exact-match accuracy.
+
+    Returns the metrics record and the full accuracy scores (per type, chance) they came from.
 
     The loss pass runs the same number of batches on every rank (sharded forwards need all ranks);
     decoding runs with the parameters gathered, so each rank answers its share at its own pace.
@@ -328,13 +334,11 @@ def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, 
         targets += count
     if was_training:
         model.train()
-    total = _all_reduce(loss_sum, dp_group)
-    count = _all_reduce(targets, dp_group)
-    result = {"val_loss": total / max(1.0, count), "val_target_tokens": int(count)}
+    total, count = _all_reduce(loss_sum, targets, group=dp_group)
     scores = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices)
-    result["val_accuracy"] = scores["accuracy"]
-    result["val_accuracy_n"] = scores["n"]
-    return result
+    result = {"val_loss": total / max(1.0, count), "val_target_tokens": int(count),
+              "val_accuracy": scores["accuracy"], "val_accuracy_n": scores["n"]}
+    return result, scores
 
 
 def _eval_indices(cfg: RunConfig, dataset) -> list[int]:
@@ -366,4 +370,4 @@ def vqa_scores(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int
     return scores
 
 
-__all__ = ["run_training", "evaluate", "CheckpointError"]
+__all__ = ["run_training", "evaluate"]
