@@ -378,7 +378,7 @@ class Qwen2_5_VLModel(nn.Module):
             raise ValueError(f"{n_slots} {kind} placeholder tokens but {features.shape[0]} {kind} features")
         return embeds.masked_scatter(slots.unsqueeze(-1), features)
 
-    def forward(
+    def embed_inputs(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -389,16 +389,11 @@ class Qwen2_5_VLModel(nn.Module):
         second_per_grid_ts: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> CausalLMOutput:
-        """Run the model on a (batch, seq) batch.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with the vision features in place, (3, batch, seq) positions and the mask.
 
-        Image/video features replace the embeddings of the image/video pad tokens. Without
-        ``position_ids``, 3-D M-RoPE positions are computed when a grid is given (see
-        :func:`get_rope_index`), else positions are ``0..seq-1``. ``position_ids`` may be given as
-        (batch, seq) or (3, batch, seq). With ``labels`` (aligned to ``input_ids``, -100 = ignore) the
-        causal LM loss is returned too (see :func:`causal_lm_loss`).
+        The first half of :meth:`forward`; pipeline stages call it on the first stage only.
+        The returned mask is ``None`` when there is no padding.
         """
         cfg = self.config
         embeds = self.language_model.embed_tokens(input_ids)
@@ -436,6 +431,41 @@ class Qwen2_5_VLModel(nn.Module):
         # causal kernels; one host sync is far cheaper than that.
         if text_mask is not None and bool(text_mask.all()):
             text_mask = None
+        return embeds, position_ids, text_mask
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """Run the model on a (batch, seq) batch.
+
+        Image/video features replace the embeddings of the image/video pad tokens. Without
+        ``position_ids``, 3-D M-RoPE positions are computed when a grid is given (see
+        :func:`get_rope_index`), else positions are ``0..seq-1``. ``position_ids`` may be given as
+        (batch, seq) or (3, batch, seq). With ``labels`` (aligned to ``input_ids``, -100 = ignore) the
+        causal LM loss is returned too (see :func:`causal_lm_loss`).
+        """
+        embeds, position_ids, text_mask = self.embed_inputs(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_grid_thw,
+            pixel_values_videos,
+            video_grid_thw,
+            second_per_grid_ts,
+            mm_token_type_ids,
+            position_ids,
+        )
         hidden = self.language_model(embeds, position_ids, text_mask)
         logits = self.lm_head(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
