@@ -141,7 +141,15 @@ def prepare_data(cfg) -> None:
     print(f"generating the shapes demo set ({cfg.data.generate_num} samples) in {out_dir}", file=sys.stderr)
     from openspeed.data.shapes import make_shapes_dataset
 
-    make_shapes_dataset(out_dir, num=cfg.data.generate_num, seed=0, train_turns=cfg.data.generate_turns)
+    data = cfg.data
+    val_fraction = 0.1 if data.generate_val_num is None else data.generate_val_num / max(1, data.generate_num)
+    model_kwargs = {
+        "num_hidden_layers": data.generate_text_layers,
+        "vision_hidden_size": data.generate_vision_width,
+        "vision_intermediate_size": 2 * data.generate_vision_width,
+    }
+    make_shapes_dataset(out_dir, num=data.generate_num, seed=0, val_fraction=val_fraction,
+                        model_kwargs=model_kwargs, train_turns=data.generate_turns)
 
 
 def check_paths(cfg) -> None:

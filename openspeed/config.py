@@ -46,6 +46,12 @@ class DataConfig:
     generate_num: int = 2000
     generate_turns: int = 1
     """Questions per training image in the synthetic set (validation always asks one)."""
+    generate_val_num: int | None = None
+    """Validation records of the synthetic set (None: a tenth of generate_num)."""
+    generate_text_layers: int = 4
+    """Decoder layers of the synthetic set's tiny model."""
+    generate_vision_width: int = 64
+    """Vision-tower width of the synthetic set's tiny model (its MLP is twice as wide)."""
     packing: bool = False
 
 

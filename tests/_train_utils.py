@@ -56,3 +56,14 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def train_losses(run_dir: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def assert_losses_close(losses: dict[int, float], reference: dict[int, float], rel: float = 1e-4,
+                        steps: tuple[int, ...] = (1, 2, 3, 4, 5)) -> None:
+    """Same steps as the reference, each loss within ``rel`` (relative) of it."""
+    import math
+
+    assert sorted(losses) == sorted(reference) == list(steps)
+    for step, ref in reference.items():
+        assert math.isfinite(ref)
+        assert abs(losses[step] - ref) <= rel * abs(ref), (step, losses[step], ref)

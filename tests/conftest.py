@@ -18,3 +18,15 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     make_shapes_dataset(str(out), num=96, seed=1)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def reference_run(shapes_dir, tmp_path_factory):
+    """One process, 5 fp32 steps of the tiny model, checkpoint every 3 steps: what layouts must match."""
+    from _train_utils import make_tiny_run_config, run_train
+
+    tmp = str(tmp_path_factory.mktemp("ref"))
+    config = make_tiny_run_config(tmp, shapes_dir, checkpoint={"interval": 3, "save_final": False})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.path.join(tmp, "run"), result

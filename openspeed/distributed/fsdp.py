@@ -57,6 +57,8 @@ def gathered_parameters(model: nn.Module, zero_stage: int = 3):
     if not units:
         yield model
         return
+    # Roots (the model, or each pipeline stage) are not inside another unit.
+    inner = {id(sub) for unit in units for sub in unit.modules() if sub is not unit}
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -65,5 +67,5 @@ def gathered_parameters(model: nn.Module, zero_stage: int = 3):
     finally:
         for unit in units:
             unit.reshard()
-            # The root stays gathered after forward in training too (see apply_fsdp).
-            unit.set_reshard_after_forward(unit is not model and zero_stage == 3, recurse=False)
+            # Roots stay gathered after forward in training too (see apply_fsdp).
+            unit.set_reshard_after_forward(id(unit) in inner and zero_stage == 3, recurse=False)

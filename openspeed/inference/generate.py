@@ -36,6 +36,7 @@ from openspeed.data.conversation import (
 )
 from openspeed.data.processor import VLProcessor
 from openspeed.data.prompt import normalize_prompt_messages, render_prompt
+from openspeed.distributed.tensor_parallel import full_logits
 from openspeed.errors import BadSampleError
 
 # The model's forward keyword inputs that a collated batch may carry; labels and anything else the
@@ -131,7 +132,8 @@ def greedy_generate(
             }
             if types is not None:
                 inputs["mm_token_type_ids"] = types[:, :cur].to(device)
-            logits = model(**inputs).logits
+            # Vocab-sharded (tensor-parallel) logits are gathered; every TP rank decodes alike.
+            logits = full_logits(model(**inputs).logits)
             last = torch.tensor(lengths) - 1
             # Only each row's last real position matters; argmax in fp32 so ties break the same way
             # whatever the compute dtype.

@@ -17,6 +17,25 @@ _BUILTIN_MODEL_PACKAGES = ("openspeed.models.qwen2_5_vl",)
 
 
 @dataclass(frozen=True)
+class PipelinePlan:
+    """How a model family is cut into pipeline stages (kept beside the model).
+
+    Attributes:
+        stage_modules: ``(meta_model, parallel_dims, parallel_config) -> [stage modules]`` for this
+            rank, each keeping the full model's parameter names.
+        packer: ``(config, seq_len, pad_token_id, micro_batch_size) -> packer`` turning micro-batch
+            dicts into first-stage inputs (see :mod:`openspeed.distributed.pipeline`).
+        loss: ``(logits, labels, num_items) -> loss`` computed on the last stage.
+        check: ``(config, num_stages, pipeline_num_layers)``; raises ``ConfigError`` on a bad split.
+    """
+
+    stage_modules: Callable[..., list[nn.Module]]
+    packer: Callable[..., Any]
+    loss: Callable[..., Any]
+    check: Callable[..., Any]
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything the trainer and loaders need to know about one model family.
 
@@ -37,6 +56,7 @@ class ModelSpec:
         part_of: parameter name -> the freezable part it belongs to (``vision``, ``merger``, ``llm``).
         parallelize: ``(model, parallel_dims, run_config)``; applies the model's parallel plan to a
             model built on the meta device (kept beside the model, never inside it).
+        pipeline: the :class:`PipelinePlan`, or ``None`` when the family has none.
     """
 
     name: str
@@ -53,6 +73,7 @@ class ModelSpec:
     set_rope_theta: Callable[[Any, float], None]
     part_of: Callable[[str], str]
     parallelize: Callable[..., nn.Module]
+    pipeline: PipelinePlan | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -18,10 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from openspeed.errors import CheckpointError
 
+# Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), so the
+# pieces of pipeline stages merge into one dict and any layout can load any other's checkpoint.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"
 
@@ -52,8 +55,8 @@ def latest_checkpoint(run_dir: str) -> str | None:
 def save_checkpoint(
     path_root: str,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    parts: list[torch.nn.Module],
+    optimizers: list[torch.optim.Optimizer | None],
     train_state: dict[str, Any],
     rng_state: dict[str, Any],
     keep_last: int | None = None,
@@ -66,7 +69,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, _ = _merged_state(parts, optimizers)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state, os.path.join(tmp, "rng", f"rank{rank}.pt"))
     # Fault-injection point for the crash-during-save test: the shards are written, the
@@ -90,19 +93,46 @@ def save_checkpoint(
     return final
 
 
+def _merged_state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer | None]):
+    """One model dict and one optimizer dict over all parts, plus each part's own keys.
+
+    ``optimizers[i]`` belongs to ``parts[i]``; it is ``None`` for a part without trainable
+    parameters, which contributes model state only.
+    """
+    model_sd: dict[str, Any] = {}
+    optim_sd: dict[str, Any] = {}
+    keys = []
+    for i, part in enumerate(parts):
+        m, o = get_state_dict(part, optimizers[i] or [], options=_OPTIONS)
+        model_sd.update(m)
+        optim_sd.update(o)
+        keys.append((list(m), list(o)))
+    return model_sd, optim_sd, keys
+
+
 def load_checkpoint(
-    path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: str, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer | None]
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Load model and optimizer state in place; return (train_state, this rank's rng or None)."""
+    """Load model and optimizer state in place; return (train_state, this rank's rng or None).
+
+    Any layout loads any other's checkpoint: DCP reshards, and keys are parameter names.
+    """
     state_file = os.path.join(path, TRAIN_STATE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"checkpoint {path} is incomplete or not a checkpoint (no {TRAIN_STATE})")
     with open(state_file, encoding="utf-8") as fh:
         train_state = json.load(fh)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd, keys = _merged_state(parts, optimizers)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, keys, strict=True):
+        set_state_dict(
+            part,
+            optimizer or [],
+            model_state_dict={k: state["model"][k] for k in model_keys},
+            optim_state_dict={k: state["optim"][k] for k in optim_keys},
+            options=_OPTIONS,
+        )
     rng = None
     rng_file = os.path.join(path, "rng", f"rank{dist.get_rank()}.pt")
     if train_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):

@@ -10,7 +10,7 @@ from torch import nn
 
 from openspeed.config import RunConfig
 from openspeed.distributed.mesh import ParallelDims
-from openspeed.errors import CheckpointError
+from openspeed.errors import CheckpointError, ConfigError
 from openspeed.models.loading import has_hf_weights, load_hf_state_dict, read_hf_config
 from openspeed.models.registry import ModelSpec, get_model_spec
 from openspeed.training.init import copy_full_into, init_weights
@@ -36,36 +36,59 @@ def apply_freeze(model: nn.Module, spec: ModelSpec, parts: list[str]) -> int:
     return frozen
 
 
-def build_training_model(cfg: RunConfig, dims: ParallelDims, device: torch.device) -> tuple[nn.Module, ModelSpec, object]:
+def build_training_model(
+    cfg: RunConfig, dims: ParallelDims, device: torch.device
+) -> tuple[list[nn.Module], ModelSpec, object]:
+    """This rank's model parts (the whole model, or its pipeline stages), parallelised and initialised.
+
+    Every part keeps the full model's parameter names, so weights are initialised (from the seed
+    and the name) or loaded identically under any layout.
+    """
     spec, config = model_config_from_run(cfg)
     with torch.device("meta"):
         model = spec.build(config)
     apply_freeze(model, spec, cfg.model.freeze)
-    spec.parallelize(model, dims, cfg)
-    model.to_empty(device=device)
-    spec.reset_buffers(model)
+    if dims.sizes["pp"] > 1:
+        if spec.pipeline is None:
+            raise ConfigError(f"parallel.pp={dims.sizes['pp']}: {spec.name} has no pipeline plan")
+        parts = spec.pipeline.stage_modules(model, dims, cfg.parallel)
+    else:
+        parts = [model]
+    for part in parts:
+        spec.parallelize(part, dims, cfg)
+        part.to_empty(device=device)
+        spec.reset_buffers(part)
     std = cfg.model.init_std if cfg.model.init_std is not None else spec.init_std(config)
     if has_hf_weights(cfg.model.path):
-        load_weights_into(model, spec, config, cfg.model.path)
+        load_weights_into(parts, spec, config, cfg.model.path)
     else:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{cfg.model.path} has no weights: initialising from seed {cfg.train.seed} (std {std})",
                   file=sys.stderr)
-        init_weights(model, cfg.train.seed, std)
-    model.train()
-    return model, spec, config
+        for part in parts:
+            init_weights(part, cfg.train.seed, std)
+    for part in parts:
+        part.train()
+    return parts, spec, config
 
 
-def load_weights_into(model: nn.Module, spec: ModelSpec, config, path: str) -> None:
-    """Copy HF-format weights into a (possibly sharded) native model, one tensor at a time."""
+def load_weights_into(parts: nn.Module | list[nn.Module], spec: ModelSpec, config, path: str) -> None:
+    """Copy HF-format weights into a (possibly sharded) native model, one tensor at a time.
+
+    ``parts``: the model, or this rank's pipeline stages; every weight must find a home in the full
+    model, and every parameter of the given parts must find its weight.
+    """
+    parts = [parts] if isinstance(parts, nn.Module) else list(parts)
     native = spec.hf_to_native(load_hf_state_dict(path), config)
-    params = dict(model.named_parameters())
+    params = {name: p for part in parts for name, p in part.named_parameters()}
     missing = [name for name in params if name not in native]
     if missing:
         raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}" +
                               (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(params)
-    unexpected = [name for name in native if name not in params and name not in tied]
+    with torch.device("meta"):
+        full = spec.build(config)
+    known = set(dict(full.named_parameters(remove_duplicate=False)))
+    unexpected = [name for name in native if name not in known]
     if unexpected:
         raise CheckpointError(f"{path}: unexpected weights {', '.join(unexpected[:3])}" +
                               (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))

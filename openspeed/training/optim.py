@@ -41,3 +41,41 @@ def lr_factor(step: int, max_steps: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, cfg: OptimConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, max_steps, cfg))
+
+
+class Optimizers:
+    """One AdamW + schedule per model part (pipeline stages are separate modules), stepped together.
+
+    With a single part this is just the optimizer and its schedule. ``per_part[i]`` belongs to
+    ``parts[i]``; it is ``None`` for a part without trainable parameters.
+    """
+
+    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, max_steps: int) -> None:
+        self.per_part = [
+            build_optimizer(p, cfg) if any(q.requires_grad for q in p.parameters()) else None for p in parts
+        ]
+        self.optimizers = [o for o in self.per_part if o is not None]
+        self.schedulers = [build_scheduler(o, max_steps, cfg) for o in self.optimizers]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"] if self.optimizers else 0.0
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def schedule_step(self) -> None:
+        for sched in self.schedulers:
+            sched.step()
+
+    def scheduler_state(self) -> dict:
+        return self.schedulers[0].state_dict() if self.schedulers else {}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        for sched in self.schedulers:
+            sched.load_state_dict(state)

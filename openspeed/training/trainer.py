@@ -20,12 +20,27 @@ from openspeed.data.loader import step_batches
 from openspeed.data.schedule import GlobalBatchSchedule
 from openspeed.distributed.fsdp import gathered_parameters, set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
+from openspeed.distributed.pipeline import (
+    PipelineInferenceModel,
+    build_pipeline,
+    check_pipeline_config,
+    norm_exclusions,
+    pipeline_train_step,
+    sync_tied_grads,
+)
+from openspeed.distributed.tensor_parallel import (
+    is_vocab_parallel,
+    loss_context,
+    mark_vocab_parallel,
+    plain_tensor,
+)
 from openspeed.errors import ConfigError
 from openspeed.tasks.vlm_sft import VLMTask
 from openspeed.training import checkpoint as ckpt
+from openspeed.training.grads import clip_grad_norm
 from openspeed.training.metrics import MetricsWriter, Progress
 from openspeed.training.model_setup import build_training_model
-from openspeed.training.optim import build_optimizer, build_scheduler
+from openspeed.training.optim import Optimizers
 from openspeed.training.profiling import StepProfiler
 
 
@@ -49,14 +64,6 @@ def _all_reduce(*values: float, group) -> list[float]:
     return tensor.tolist()
 
 
-def _global_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip by the global norm over all ranks and return that norm."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
-
 def _rng_state(acc) -> dict:
     return {"torch": acc.rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -75,12 +82,28 @@ def _seed_all(acc, seed: int) -> None:
 
 def check_supported(sizes: dict[str, int]) -> None:
     """Dimensions that later work wires in: reject them clearly instead of running them wrongly."""
-    for name, feature in (("tp", "tensor parallel"), ("pp", "pipeline parallel"), ("cp", "context parallel")):
+    for name, feature in (("cp", "context parallel"),):
         if sizes[name] > 1:
             raise ConfigError(
                 f"parallel.{name}={sizes[name]}: {feature} is not available in this version; "
                 "use parallel.dp_shard / parallel.dp_replicate"
             )
+
+
+def _any_rank(flag: bool) -> bool:
+    """True when ``flag`` holds on some rank (pipeline stages hold different parameters)."""
+    return _all_reduce(1.0 if flag else 0.0, group=None)[0] > 0
+
+
+def _check_pipeline(cfg: RunConfig, sizes: dict[str, int], n_micro: int) -> None:
+    """Pipeline settings the model and schedule can honour, checked before anything is built."""
+    from openspeed.training.model_setup import model_config_from_run
+
+    spec, config = model_config_from_run(cfg)
+    if spec.pipeline is None:
+        raise ConfigError(f"parallel.pp={sizes['pp']}: {spec.name} has no pipeline plan")
+    check_pipeline_config(sizes["pp"], cfg.parallel.virtual_stages, cfg.parallel.pp_schedule, n_micro)
+    spec.pipeline.check(config, sizes["pp"] * cfg.parallel.virtual_stages, cfg.parallel.pipeline_num_layers)
 
 
 def run_training(cfg: RunConfig) -> dict:
@@ -109,12 +132,27 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
 
     task = VLMTask(cfg)
-    model, _, _ = build_training_model(cfg, dims, acc.device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
+    if sizes["pp"] > 1:
+        _check_pipeline(cfg, sizes, n_micro)
+    parts, spec, config = build_training_model(cfg, dims, acc.device)
+    trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
+    if not _any_rank(bool(trainable)):
         raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.train.max_steps, cfg.optim)
+    optim = Optimizers(parts, cfg.optim, cfg.train.max_steps)
+    pipe = None
+    if sizes["pp"] > 1:
+        packer = spec.pipeline.packer(config, cfg.data.max_seq_len, task.processor.pad_token_id,
+                                      cfg.train.micro_batch_size)
+        pipe = build_pipeline(parts, dims, acc.device, cfg.parallel.pp_schedule, n_micro, spec.pipeline.loss,
+                              packer)
+        model = PipelineInferenceModel(pipe)  # evaluation and decoding through the stages
+        if any(is_vocab_parallel(part) for part in parts):
+            mark_vocab_parallel(model)
+    else:
+        model = parts[0]
+    norm_group = pipe.group if pipe is not None else None
+    norm_skip = norm_exclusions(pipe) if pipe is not None else []
 
     # ---------------------------------------------------------------- resume
     start_step = 0
@@ -124,9 +162,9 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     elif cfg.train.resume != "none":
         resume_from = cfg.train.resume
     if resume_from:
-        state, rng = ckpt.load_checkpoint(resume_from, model, optimizer)
+        state, rng = ckpt.load_checkpoint(resume_from, parts, optim.per_part)
         start_step = int(state["step"])
-        scheduler.load_state_dict(state["scheduler"])
+        optim.load_scheduler_state(state["scheduler"])
         task.skipped.update({int(i): r for i, r in state.get("skipped", {}).items()})
         if rng is not None:
             _restore_rng(acc, rng)
@@ -156,9 +194,9 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         ckpt.save_checkpoint(
             checkpoint_root,
             step,
-            model,
-            optimizer,
-            {"scheduler": scheduler.state_dict(), "skipped": {str(i): r for i, r in skipped.items()}, "seed": cfg.train.seed},
+            parts,
+            optim.per_part,
+            {"scheduler": optim.scheduler_state(), "skipped": {str(i): r for i, r in skipped.items()}, "seed": cfg.train.seed},
             _rng_state(acc),
             keep_last=cfg.checkpoint.keep_last,
         )
@@ -176,23 +214,28 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         targets, tokens = _all_reduce(sum(task.count_targets(b) for b in batches),
                                       sum(task.count_tokens(b) for b in batches), group=dp_group)
 
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            set_gradient_sync(model, i == len(batches) - 1)
-            batch = task.to_device(batch, acc.device)
-            with acc.autocast(cfg.train.precision):
-                loss = task.loss(model, batch, int(targets))
-            loss.backward()
-            loss_sum += loss.detach().double().cpu()
+        if pipe is not None:
+            with acc.autocast(cfg.train.precision), loss_context(model):
+                loss_sum = pipeline_train_step(pipe, batches, int(targets))
+            sync_tied_grads(pipe)
+        else:
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for i, batch in enumerate(batches):
+                set_gradient_sync(model, i == len(batches) - 1)
+                batch = task.to_device(batch, acc.device)
+                with acc.autocast(cfg.train.precision), loss_context(model):
+                    loss = task.loss(model, batch, int(targets))
+                    loss.backward()
+                loss_sum += plain_tensor(loss).detach().double().cpu()
         dist.all_reduce(loss_sum, group=dp_group)
-        grad_norm = _global_grad_norm(trainable, cfg.train.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
+        grad_norm = clip_grad_norm(trainable, cfg.train.grad_clip, norm_group, norm_skip)
+        lr = optim.lr
         if math.isfinite(grad_norm):
-            optimizer.step()
+            optim.step()
         elif is_main:
             progress.write(f"step {step}: non-finite gradient norm, update skipped")
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optim.schedule_step()
+        optim.zero_grad()
         acc.synchronize()
         elapsed = time.perf_counter() - t0
         last_loss = loss_sum.item()
@@ -328,9 +371,9 @@ def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int,
         batch = task.load_batch(dataset, mine)
         count = task.count_targets(batch)
         batch = task.to_device(batch, acc.device)
-        with acc.autocast(cfg.train.precision):
+        with acc.autocast(cfg.train.precision), loss_context(model):
             loss = task.loss(model, batch, 1)  # a plain sum over this batch's target tokens
-        loss_sum += float(loss)
+        loss_sum += float(plain_tensor(loss))
         targets += count
     if was_training:
         model.train()

@@ -124,7 +124,8 @@ class VisionAttention(nn.Module):
     ) -> torch.Tensor:
         """``x``: (num_patches, hidden)."""
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        # -1, not num_heads: a tensor-parallel rank holds only its heads (its [q; k; v] rows).
+        q, k, v = self.qkv(x).view(n, 3, -1, self.head_dim).unbind(1)
         q, k = apply_vision_rotary(q, k, cos, sin)
         # (N, heads, dim) -> (1, heads, N, dim): one packed "batch" split by cu_seqlens.
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
@@ -244,9 +245,10 @@ class TextAttention(nn.Module):
     ) -> torch.Tensor:
         """``x``: (batch, seq, hidden); ``cos``/``sin``: (batch, seq, head_dim)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts from the projections (-1), so a tensor-parallel rank's head shard works too.
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
         out = attention(q, k, v, causal=True, attention_mask=attention_mask, scale=self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

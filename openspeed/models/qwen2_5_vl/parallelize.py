@@ -1,23 +1,149 @@
 """Qwen2.5-VL parallel plan, applied from outside the model (the model file has no distributed code).
 
 Order (fixed, as torchtitan documents it): tensor parallel -> context parallel -> recomputation ->
-FSDP2. Today only FSDP2 / HSDP over the data-parallel dims is applied; the other dims are refused
-by the trainer until they land.
+FSDP2. Tensor (+ sequence) parallelism and FSDP2 / HSDP over the data-parallel dims are applied
+here, to the whole model or to one pipeline stage (``pipeline.py`` cuts the stages first).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from openspeed.distributed.fsdp import apply_fsdp
 from openspeed.distributed.mesh import ParallelDims
+from openspeed.distributed.tensor_parallel import (
+    FusedColwiseParallel,
+    ReplicateParallel,
+    apply_plan,
+    attention_plan,
+    check_divisible,
+    gather_sequence_input,
+    mark_vocab_parallel,
+    mlp_plan,
+    plain_loss_output,
+    sequence_parallel_norm,
+    shard_sequence_input,
+    vocab_parallel_embedding,
+    vocab_parallel_head,
+)
+from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+
+# Positional args of DecoderLayer / TextAttention: (x, cos, sin, attention_mask).
+_TEXT_BLOCK_ARGS = 4
+
+
+def check_tensor_parallel_sizes(config: Qwen2_5_VLConfig, tp: int) -> None:
+    """One-line :class:`ConfigError` naming the first split size that ``tp`` does not divide."""
+    if tp <= 1:
+        return
+    text, vision = config.text, config.vision
+    check_divisible(
+        tp,
+        (
+            ("text num_attention_heads", text.num_attention_heads),
+            ("text num_key_value_heads", text.num_key_value_heads),
+            ("text intermediate_size", text.intermediate_size),
+            ("text vocab_size", text.vocab_size),
+            ("vision num_heads", vision.num_heads),
+            ("vision intermediate_size", vision.intermediate_size),
+            ("vision merger width (hidden_size*spatial_merge_size^2)",
+             vision.hidden_size * vision.spatial_merge_size**2),
+        ),
+    )
+
+
+def _vision_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    if getattr(model, "visual", None) is None:
+        return {}  # a pipeline stage without the vision tower
+    plan: dict[str, ParallelStyle] = {"visual.patch_embed": ReplicateParallel()}
+    for i in range(len(model.visual.blocks)):
+        block = f"visual.blocks.{i}"
+        plan[f"{block}.norm1"] = ReplicateParallel()
+        plan[f"{block}.norm2"] = ReplicateParallel()
+        # qkv rows are [q; k; v] (HF layout): each rank takes its heads of all three.
+        plan[f"{block}.attn.qkv"] = FusedColwiseParallel(3)
+        plan[f"{block}.attn.proj"] = RowwiseParallel()
+        for name, style in mlp_plan("gate_proj", "up_proj", "down_proj", sequence_parallel=False).items():
+            plan[f"{block}.mlp.{name}"] = style
+    # The merger: Linear -> GELU -> Linear, split column then row.
+    plan["visual.merger.ln_q"] = ReplicateParallel()
+    plan["visual.merger.mlp.0"] = ColwiseParallel()
+    plan["visual.merger.mlp.2"] = RowwiseParallel()
+    return plan
+
+
+def _text_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """The decoder's plan; a pipeline stage gets the parts it holds (it keeps the full model's names)."""
+    sp = sequence_parallel
+    text = model.language_model
+    has_head = getattr(model, "lm_head", None) is not None
+    plan: dict[str, ParallelStyle] = {}
+    # The embedding output stays a plain replicated tensor: embed_inputs scatters vision features
+    # into it. Sequence sharding starts at each decoder layer's input (a no-op after the first).
+    if getattr(text, "embed_tokens", None) is not None:
+        plan["language_model.embed_tokens"] = vocab_parallel_embedding()
+    norm = sequence_parallel_norm if sp else ReplicateParallel
+    # named_children: a pipeline stage's layers keep their full-model indices.
+    layer_names = [name for name, _ in text.layers.named_children()]
+    for index in layer_names:
+        layer = f"language_model.layers.{index}"
+        if sp:
+            # A stage without the head sends plain full hidden states to the next stage.
+            last_of_stage = index == layer_names[-1] and not has_head
+            plan[layer] = shard_sequence_input(_TEXT_BLOCK_ARGS, gather_output=last_of_stage)
+            plan[f"{layer}.self_attn"] = gather_sequence_input(_TEXT_BLOCK_ARGS)
+            plan[f"{layer}.mlp"] = gather_sequence_input(1)
+        plan[f"{layer}.input_layernorm"] = norm()
+        plan[f"{layer}.post_attention_layernorm"] = norm()
+        attn = attention_plan("q_proj", "k_proj", "v_proj", "o_proj", sequence_parallel=sp)
+        for name, style in attn.items():
+            plan[f"{layer}.self_attn.{name}"] = style
+        for name, style in mlp_plan("gate_proj", "up_proj", "down_proj", sequence_parallel=sp).items():
+            plan[f"{layer}.mlp.{name}"] = style
+    if getattr(text, "norm", None) is not None:
+        plan["language_model.norm"] = norm()
+    if has_head:
+        plan["lm_head"] = vocab_parallel_head(Shard(1) if sp else Replicate())
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
+    """Split a Qwen2.5-VL model (meta or materialised) over the 1-D ``tp_mesh``, in place.
+
+    Every parameter becomes a DTensor on ``tp_mesh`` (split ones ``Shard``, the rest ``Replicate``)
+    with its global shape and name unchanged. Outputs: ``logits`` is a DTensor sharded on the
+    vocabulary (read it with ``full_logits``), ``loss`` a plain scalar; run the forward and backward
+    inside ``loss_context(model)``. Weights must be (re-)initialised or loaded afterwards with
+    ``copy_full_into`` (as ``build_training_model`` does).
+
+    Also takes a pipeline stage module (``pipeline.Qwen2_5_VLStage``): only the parts it holds are
+    planned, and a stage without ``lm_head`` returns plain full hidden states under sequence
+    parallelism (what goes to the next stage).
+    """
+    check_tensor_parallel_sizes(model.config, tp_mesh.size())
+    plan = {**_vision_plan(model), **_text_plan(model, sequence_parallel)}
+    apply_plan(model, tp_mesh, plan)
+    # embed_tokens and lm_head are both sharded on the vocabulary (dim 0 of the shared weight), so a
+    # tied pair stays valid: re-point lm_head at the (now distributed) embedding weight.
+    model.tie_weights()
+    if getattr(model, "lm_head", None) is not None:
+        mark_vocab_parallel(model)
+        plain_loss_output(model)
+    return model
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
     """Apply the run's parallel layout to a Qwen2.5-VL model built on the meta device."""
+    if dims.sizes.get("tp", 1) > 1:
+        apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel))
     if dims.dp_enabled:
         # One FSDP unit per transformer block (vision and language), the root keeps the rest:
         # patch embed, merger, embeddings, final norm and head.
-        blocks = [*model.visual.blocks, *model.language_model.layers]
+        # A pipeline stage lists the blocks it holds.
+        fsdp_blocks = getattr(model, "fsdp_blocks", None)
+        blocks = fsdp_blocks() if callable(fsdp_blocks) else [*model.visual.blocks, *model.language_model.layers]
         apply_fsdp(model, dims.dp_mesh(), blocks, zero_stage=cfg.parallel.zero_stage)
     return model

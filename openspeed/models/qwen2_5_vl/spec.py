@@ -8,7 +8,13 @@ from openspeed.models.qwen2_5_vl.convert import hf_to_native, native_to_hf
 from openspeed.models.qwen2_5_vl.flops import training_flops
 from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel, reset_non_persistent_buffers
 from openspeed.models.qwen2_5_vl.parallelize import parallelize
-from openspeed.models.registry import ModelSpec, register_model
+from openspeed.models.qwen2_5_vl.pipeline import (
+    Qwen2_5_VLPipelinePacker,
+    split_layers,
+    stage_loss,
+    stage_modules_for_rank,
+)
+from openspeed.models.registry import ModelSpec, PipelinePlan, register_model
 
 
 def init_std(config: Qwen2_5_VLConfig) -> float:
@@ -32,6 +38,11 @@ def part_of(name: str) -> str:
     return "llm"
 
 
+def check_pipeline_split(config: Qwen2_5_VLConfig, num_stages: int, pipeline_num_layers) -> None:
+    """One-line ``ConfigError`` when the decoder layers cannot be split as asked."""
+    split_layers(config.text.num_hidden_layers, num_stages, pipeline_num_layers)
+
+
 QWEN2_5_VL_SPEC = ModelSpec(
     name=MODEL_TYPE,
     hf_model_types=(MODEL_TYPE,),
@@ -47,6 +58,12 @@ QWEN2_5_VL_SPEC = ModelSpec(
     set_rope_theta=set_rope_theta,
     part_of=part_of,
     parallelize=parallelize,
+    pipeline=PipelinePlan(
+        stage_modules=stage_modules_for_rank,
+        packer=Qwen2_5_VLPipelinePacker,
+        loss=stage_loss,
+        check=check_pipeline_split,
+    ),
 )
 
 register_model(QWEN2_5_VL_SPEC)

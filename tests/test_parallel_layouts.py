@@ -1,0 +1,93 @@
+"""The equivalence matrix: every parallel layout trains the tiny model to one process's losses.
+
+Each layout runs 5 fp32 optimizer steps through the CLI from the same seeded weights and data
+order as the single-process reference run (``reference_run`` in conftest), and must give the same
+per-step losses within 1e-4 relative, and the same validation loss and greedy-decoding accuracy.
+Resharding: a checkpoint written under one layout resumes under another with the uninterrupted
+run's losses.
+"""
+
+import os
+
+import pytest
+from _train_utils import assert_losses_close, make_tiny_run_config, read_metrics, run_train, train_losses
+
+TWO_PROCESS = {
+    "tp2": "parallel.tp=2",
+    "tp2_sp": "parallel.tp=2 parallel.sequence_parallel=true",
+    "pp2_1f1b": "parallel.pp=2 parallel.pp_schedule=1f1b",
+    "pp2_interleaved": "parallel.pp=2 parallel.pp_schedule=interleaved_1f1b parallel.virtual_stages=2",
+}
+FOUR_PROCESS = {
+    "dp_shard2_tp2": "parallel.dp_shard=2 parallel.tp=2 parallel.sequence_parallel=true",
+    "pp2_tp2": "parallel.pp=2 parallel.tp=2",
+    "hsdp_2x2": "parallel.dp_replicate=2 parallel.dp_shard=2",
+    "pp2_dp_shard2": "parallel.pp=2 parallel.dp_shard=2",
+}
+
+
+def _check_against_reference(run_dir: str, ref_dir: str) -> None:
+    assert_losses_close(train_losses(run_dir), train_losses(ref_dir))
+    val = [r for r in read_metrics(run_dir) if "val_loss" in r][-1]
+    ref_val = [r for r in read_metrics(ref_dir) if "val_loss" in r][-1]
+    assert val["val_loss"] == pytest.approx(ref_val["val_loss"], rel=1e-4)
+    assert val["val_accuracy_n"] == ref_val["val_accuracy_n"]
+    assert val["val_accuracy"] == ref_val["val_accuracy"]
+
+
+@pytest.mark.parametrize("layout", list(TWO_PROCESS), ids=list(TWO_PROCESS))
+def test_two_process_layout_matches_one_process(layout, reference_run, shapes_dir, tmp_path):
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    result = run_train(config, "--nproc", "2", *TWO_PROCESS[layout].split())
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_against_reference(str(tmp_path / "run"), ref_dir)
+
+
+@pytest.mark.parametrize("layout", list(FOUR_PROCESS), ids=list(FOUR_PROCESS))
+def test_four_process_layout_matches_one_process(layout, reference_run, shapes_dir, tmp_path):
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    result = run_train(config, "--nproc", "4", *FOUR_PROCESS[layout].split(), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_against_reference(str(tmp_path / "run"), ref_dir)
+
+
+@pytest.mark.parametrize(
+    ("saved_under", "resumed_under"),
+    [
+        (["--nproc", "2", "parallel.tp=2"], ["--nproc", "2", "parallel.dp_shard=2"]),
+        (["--nproc", "2", "parallel.pp=2"], []),
+    ],
+    ids=["tp2_to_dp_shard2", "pp2_to_one_process"],
+)
+def test_checkpoint_resumes_under_another_layout(saved_under, resumed_under, reference_run, shapes_dir,
+                                                 tmp_path):
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    first = run_train(config, *saved_under, "train.exit_interval=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_3")
+    second = run_train(config, *resumed_under, "train.resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "step 3" in second.stderr
+    # Steps 4-5 continue from the resharded weights and optimizer state exactly as one process would.
+    assert_losses_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["parallel.tp=3"], "parallel.tp=3"),
+        (["parallel.pp=2", "parallel.pipeline_num_layers=1,1,1"], "parallel.pipeline_num_layers"),
+        (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "parallel.virtual_stages"),
+    ],
+    ids=["tp_does_not_divide", "bad_layer_list", "interleaved_without_virtual_stages"],
+)
+def test_bad_layouts_are_one_line_errors(args, message, shapes_dir, tmp_path):
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    nproc = "3" if "parallel.tp=3" in args else "2"
+    result = run_train(config, "--nproc", nproc, *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
