@@ -47,11 +47,7 @@ SCENARIOS = [
     ("zero_bubble_v", 3, False, "zero_bubble", 2, None, False),
     ("gpipe", 2, False, "gpipe", 1, None, False),
 ]
-# pp2 x dp_shard2 (4 processes, opt-in: OPENSPEED_TEST_PP_FSDP=1).
-FSDP_SCENARIOS = [
-    ("fsdp_1f1b_tied", 3, True, "1f1b", 1, None, True),
-    ("fsdp_interleaved_1f1b", 4, False, "interleaved_1f1b", 2, None, False),
-]
+
 
 
 def tiny_config(layers: int, tie: bool) -> Qwen2_5_VLConfig:
@@ -240,16 +236,6 @@ def test_pipeline_matches_single_process(tmp_path):
     print(f"2-process pipeline launch: {seconds:.1f} s")
 
 
-@pytest.mark.skipif(
-    os.environ.get("OPENSPEED_TEST_PP_FSDP") != "1", reason="4 processes; set OPENSPEED_TEST_PP_FSDP=1"
-)
-def test_pipeline_with_fsdp_matches_single_process(tmp_path):
-    """pp2 x dp_shard2: FSDP2 per stage module composes with the schedules and the tied-grad sync."""
-    seconds = _launch(4, str(tmp_path), ["fsdp"])
-    _check(_read_results(str(tmp_path), 4), FSDP_SCENARIOS)
-    print(f"4-process pipeline+FSDP launch: {seconds:.1f} s")
-
-
 # --------------------------------------------------------------------------------------------------
 # Worker
 # --------------------------------------------------------------------------------------------------
@@ -436,18 +422,8 @@ def _worker(out_dir: str, mode: str) -> None:
     dp = dist.get_world_size() // 2
     dims = build_mesh({"pp": 2, "dp_replicate": 1, "dp_shard": dp, "cp": 1, "tp": 1}, "cpu")
     batches = micro_batches()
-    if mode == "fsdp":
-        # Each data-parallel rank gets its own 4 micro-batches; the reference runs all 8.
-        everything = batches + [
-            make_batch(IMAGE_BATCH[::-1], seed=30),
-            make_batch(VIDEO_BATCH[:1], seed=31),
-            make_batch(TEXT_BATCH[:1], seed=32),
-            make_batch(IMAGE_BATCH[1:], seed=33),
-        ]
-        mine = everything[dims.dp_rank() * 4 : dims.dp_rank() * 4 + 4]
-        scenarios = FSDP_SCENARIOS
-    else:
-        everything, mine, scenarios = None, batches, SCENARIOS
+    # (pp2 x dp_shard2 through the trainer is in test_parallel_layouts.py.)
+    everything, mine, scenarios = None, batches, SCENARIOS
     results = {}
     for scenario in scenarios:
         start = time.perf_counter()
