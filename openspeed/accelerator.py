@@ -36,6 +36,16 @@ class Accelerator:
         elif self.device_type == "npu":
             torch.npu.synchronize()  # type: ignore[attr-defined]
 
+    def configure_math(self) -> None:
+        """Process-wide math settings for this device.
+
+        On the CPU, denormal floats are flushed to zero: as a model converges, Adam's second moments
+        and tiny activations drift into the denormal range, where x86 arithmetic is many times
+        slower (a demo run's steps grew 3x slower over training without it).
+        """
+        if self.device_type == "cpu":
+            torch.set_flush_denormal(True)
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
         if self.device_type == "cuda":

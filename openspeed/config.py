@@ -82,6 +82,8 @@ class TrainConfig:
     resume: str = "none"
     """auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint directory."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    cpu_threads: int | None = None
+    """Intra-op threads per process on the CPU (None: torch's default, OMP_NUM_THREADS)."""
     micro_batch_size: int = 1
     global_batch_size: int = 8
     eval_interval: int = 0

@@ -109,6 +109,11 @@ def _check_pipeline(cfg: RunConfig, sizes: dict[str, int], n_micro: int) -> None
 def run_training(cfg: RunConfig) -> dict:
     """Train as ``cfg`` says; returns a summary dict (rank 0's view)."""
     acc = get_accelerator()
+    acc.configure_math()
+    if cfg.train.cpu_threads is not None and acc.device_type == "cpu":
+        if cfg.train.cpu_threads < 1:
+            raise ConfigError(f"train.cpu_threads must be >= 1, got {cfg.train.cpu_threads}")
+        torch.set_num_threads(cfg.train.cpu_threads)
     rank, world = init_distributed()
     try:
         return _train(cfg, acc, rank, world)
@@ -119,6 +124,8 @@ def run_training(cfg: RunConfig) -> dict:
 def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     sizes = resolve_layout(cfg, world)
     check_supported(sizes)
+    if cfg.parallel.sequence_parallel and sizes["tp"] == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     dims = build_mesh(sizes, acc.device_type)
     dp_group, dp_rank, dp_size = dims.dp_group(), dims.dp_rank(), dims.dp_size
     is_main = rank == 0
