@@ -306,6 +306,42 @@ class Qwen2LanguageModel(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def mrope_position_ids(
+    cfg: Qwen2_5_VLConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(3, batch, seq) positions: the given ones (2-D ones repeated), 3-D M-RoPE when a grid is
+    given (see :func:`get_rope_index`), else ``0..seq-1``."""
+    if position_ids is None:
+        if image_grid_thw is not None or video_grid_thw is not None:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = mm_token_type_ids_from_input_ids(
+                    input_ids, cfg.image_token_id, cfg.video_token_id
+                )
+            position_ids, _ = get_rope_index(
+                input_ids,
+                mm_token_type_ids,
+                image_grid_thw,
+                video_grid_thw,
+                second_per_grid_ts,
+                attention_mask,
+                cfg.vision.spatial_merge_size,
+                cfg.vision.tokens_per_second,
+            )
+        else:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.expand(input_ids.shape[0], -1)
+    if position_ids.dim() == 2:
+        position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+    return position_ids
+
+
 @dataclass
 class CausalLMOutput:
     """Model output: ``logits`` (batch, seq, vocab) and ``loss`` (scalar fp32, or ``None`` without labels)."""
@@ -406,27 +442,10 @@ class Qwen2_5_VLModel(nn.Module):
             embeds, input_ids, cfg.video_token_id, pixel_values_videos, video_grid_thw, "video"
         )
 
-        if position_ids is None:
-            if image_grid_thw is not None or video_grid_thw is not None:
-                if mm_token_type_ids is None:
-                    mm_token_type_ids = mm_token_type_ids_from_input_ids(
-                        input_ids, cfg.image_token_id, cfg.video_token_id
-                    )
-                position_ids, _ = get_rope_index(
-                    input_ids,
-                    mm_token_type_ids,
-                    image_grid_thw,
-                    video_grid_thw,
-                    second_per_grid_ts,
-                    attention_mask,
-                    cfg.vision.spatial_merge_size,
-                    cfg.vision.tokens_per_second,
-                )
-            else:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-                position_ids = position_ids.expand(input_ids.shape[0], -1)
-        if position_ids.dim() == 2:
-            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        position_ids = mrope_position_ids(
+            cfg, input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
+            mm_token_type_ids, position_ids,
+        )
 
         text_mask = attention_mask
         # Without padding the mask is pure overhead, and an explicit mask keeps SDPA off its fused

@@ -60,8 +60,8 @@ from openspeed.models.qwen2_5_vl.model import (
     IGNORE_INDEX,
     Qwen2_5_VLModel,
     causal_lm_loss,
+    mrope_position_ids,
 )
-from openspeed.models.qwen2_5_vl.rope_index import get_rope_index, mm_token_type_ids_from_input_ids
 
 LAYERS_KEY = "parallel.pipeline_num_layers"
 
@@ -348,32 +348,16 @@ def pad_batch_to(
 
 def _positions(batch: dict[str, Any], config: Qwen2_5_VLConfig) -> torch.Tensor:
     """(3, batch, seq) M-RoPE positions, computed exactly as ``embed_inputs`` would."""
-    input_ids = batch["input_ids"]
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        image_grid, video_grid = batch.get("image_grid_thw"), batch.get("video_grid_thw")
-        if image_grid is not None or video_grid is not None:
-            types = batch.get("mm_token_type_ids")
-            if types is None:
-                types = mm_token_type_ids_from_input_ids(
-                    input_ids, config.image_token_id, config.video_token_id
-                )
-            position_ids, _ = get_rope_index(
-                input_ids,
-                types,
-                image_grid,
-                video_grid,
-                batch.get("second_per_grid_ts"),
-                batch.get("attention_mask"),
-                config.vision.spatial_merge_size,
-                config.vision.tokens_per_second,
-            )
-        else:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand(
-                input_ids.shape[0], -1
-            )
-    if position_ids.dim() == 2:
-        position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+    position_ids = mrope_position_ids(
+        config,
+        batch["input_ids"],
+        batch.get("attention_mask"),
+        batch.get("image_grid_thw"),
+        batch.get("video_grid_thw"),
+        batch.get("second_per_grid_ts"),
+        batch.get("mm_token_type_ids"),
+        batch.get("position_ids"),
+    )
     return position_ids.long()
 
 
