@@ -68,7 +68,7 @@ def test_layout_product_must_equal_world_size():
     cfg = load_config(DEMO, ["parallel.tp=3"])
     with pytest.raises(ConfigError, match="world size 2"):
         resolve_layout(cfg, 2)
-    cfg = load_config(DEMO, ["parallel.dp_replicate=2", "parallel.dp_shard=-1"])
+    cfg = load_config(DEMO, ["parallel.dp_replicate=2", "parallel.dp_shard=-1", "train.micro_batch_size=8"])
     assert resolve_layout(cfg, 4)["dp_shard"] == 2
     cfg = load_config(DEMO, ["train.global_batch_size=6", "train.micro_batch_size=2"])
     with pytest.raises(ConfigError, match="global_batch_size"):
