@@ -5,6 +5,7 @@ memory statistics and synchronisation. No other module touches ``torch.cuda`` or
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -125,4 +126,13 @@ def init_distributed() -> tuple[int, int]:
 
 def destroy_distributed() -> None:
     if dist.is_initialized():
+        # Leave together: a rank tearing down its gloo pairs while a peer is still finishing its
+        # last collectives or point-to-point sends can abort that peer at exit.
+        # Free what still holds communication work (pipeline schedules keep their async send/recv
+        # handles in reference cycles) while the process groups are alive.
+        gc.collect()
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already failed; its error is the one to report
+            pass
         dist.destroy_process_group()
