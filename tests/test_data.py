@@ -322,6 +322,17 @@ def _frame(seed: int, size=(150, 100)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
 
 
+def test_native_image_patching_equals_image_processor(proc):
+    # Sizes that need resizing (both ways), one already at its target size, and a grayscale image.
+    images = [_frame(3, (150, 100)), _frame(4, (56, 56)), _frame(5, (30, 200)), _frame(6, (112, 112))]
+    images.append(_frame(7, (84, 140)).convert("L"))
+    pv, grid = proc.process_images(images)
+    reference = proc.image_processor(images=images, return_tensors="pt")
+    assert torch.equal(grid, reference["image_grid_thw"].long())
+    assert pv.dtype == torch.float32 and pv.shape == reference["pixel_values"].shape
+    assert torch.allclose(pv, reference["pixel_values"].float(), atol=1e-6, rtol=0)
+
+
 def test_native_video_patching_matches_image_processor(proc):
     a, b, c = _frame(0), _frame(1), _frame(2)
     pv, grid, spg = proc.process_video([a, a, b, b, c, c], fps=4.0)

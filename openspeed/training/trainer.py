@@ -262,6 +262,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             progress.write(f"profiler trace written to {trace}")
 
         if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            loader.wait()  # the next step's loading shares the tokenizer and processor
             record, scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
             last_eval = {"step": step, "record": record, "scores": scores}
             metrics.log({"step": step, **record})
@@ -270,6 +271,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
         stop_now = _all_reduce(1.0 if stop.requested else 0.0, group=None)[0] > 0
         if (stop_now or exit_now) and step < cfg.train.max_steps:
+            loader.close()
             if last_saved != step:
                 save(step)
             progress.close()
@@ -280,6 +282,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             metrics.close()
             return {"steps": step - start_step, "stopped_at": step}
 
+    loader.close()
     progress.close()
     final_eval, final_scores = {}, None
     if task.val_set is not None and step > start_step:
