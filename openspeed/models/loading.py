@@ -1,4 +1,8 @@
-"""Load Hugging Face-format model directories (config.json + safetensors) into native models."""
+"""Load Hugging Face-format model directories (config.json + safetensors) into native models.
+
+diffusers directories (a ``config.json`` naming its ``_class_name`` instead of a ``model_type``, and
+``diffusion_pytorch_model.safetensors`` weights) load the same way.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,10 @@ from openspeed.models.registry import get_model_spec
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+# (sharded index, single file) pairs, tried in this order.
+_WEIGHT_FILES = ((WEIGHTS_INDEX_NAME, WEIGHTS_NAME), (DIFFUSERS_WEIGHTS_INDEX_NAME, DIFFUSERS_WEIGHTS_NAME))
 
 
 def _model_dir(path: str | Path) -> Path:
@@ -49,31 +57,53 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the model directory ``path`` (single or sharded safetensors), on the CPU."""
+    """All tensors of the model directory ``path`` (single or sharded safetensors), on the CPU.
+
+    Reads transformers names (``model.safetensors``) or diffusers names
+    (``diffusion_pytorch_model.safetensors``), each single or with a ``.index.json``.
+    """
     directory = _model_dir(path)
-    index_path = directory / WEIGHTS_INDEX_NAME
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot read {index_path}: {exc!r}") from None
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(_load_safetensors(directory / shard))
-        missing = sorted(set(weight_map) - set(state))
-        if missing:
-            raise CheckpointError(f"{index_path} lists tensors missing from its shards: {_preview(missing)}")
-        return state
-    single = directory / WEIGHTS_NAME
-    if single.is_file():
-        return _load_safetensors(single)
-    raise CheckpointError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in model directory {directory}")
+    for index_name, single_name in _WEIGHT_FILES:
+        index_path = directory / index_name
+        if index_path.is_file():
+            return _load_sharded(directory, index_path)
+        single = directory / single_name
+        if single.is_file():
+            return _load_safetensors(single)
+    raise CheckpointError(
+        f"no {WEIGHTS_NAME} or {DIFFUSERS_WEIGHTS_NAME} (or their .index.json) in model directory {directory}"
+    )
+
+
+def _load_sharded(directory: Path, index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {index_path}: {exc!r}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        state.update(_load_safetensors(directory / shard))
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise CheckpointError(f"{index_path} lists tensors missing from its shards: {_preview(missing)}")
+    return state
 
 
 def has_hf_weights(path: str | Path) -> bool:
     """Whether the model directory ``path`` holds safetensors weights (single file or sharded index)."""
     directory = Path(path)
-    return (directory / WEIGHTS_INDEX_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
+    return any((directory / name).is_file() for names in _WEIGHT_FILES for name in names)
+
+
+def hf_model_type(hf_config: dict[str, Any], path: str | Path) -> str:
+    """The registry key of a ``config.json``: its ``model_type``, or diffusers' ``_class_name``."""
+    model_type = hf_config.get("model_type")
+    if isinstance(model_type, str):
+        return model_type
+    class_name = hf_config.get("_class_name")
+    if model_type is None and isinstance(class_name, str):
+        return class_name
+    raise ConfigError(f"{Path(path) / CONFIG_NAME} has no model_type")
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:
@@ -91,10 +121,7 @@ def from_pretrained(
     or unexpected keys raise :class:`CheckpointError`. Returns the model in eval mode.
     """
     hf_config = read_hf_config(path)
-    model_type = hf_config.get("model_type")
-    if not isinstance(model_type, str):
-        raise ConfigError(f"{Path(path) / CONFIG_NAME} has no model_type")
-    spec = get_model_spec(model_type)
+    spec = get_model_spec(hf_model_type(hf_config, path))
     config = spec.config_from_hf(hf_config)
     state = spec.hf_to_native(load_hf_state_dict(path), config)
 

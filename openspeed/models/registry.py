@@ -13,7 +13,7 @@ from openspeed.errors import ConfigError
 
 # Packages whose import registers their model; imported on first lookup so that importing the
 # registry stays cheap and free of import cycles.
-_BUILTIN_MODEL_PACKAGES = ("openspeed.models.qwen2_5_vl",)
+_BUILTIN_MODEL_PACKAGES = ("openspeed.models.qwen2_5_vl", "openspeed.models.wan")
 
 
 @dataclass(frozen=True)
