@@ -17,12 +17,19 @@ TWO_PROCESS = {
     "tp2_sp": "parallel.tp=2 parallel.sequence_parallel=true",
     "pp2_1f1b": "parallel.pp=2 parallel.pp_schedule=1f1b",
     "pp2_interleaved": "parallel.pp=2 parallel.pp_schedule=interleaved_1f1b parallel.virtual_stages=2",
+    "cp2_ulysses": "parallel.cp=2 parallel.cp_algo=ulysses",
+    "cp2_ring": "parallel.cp=2 parallel.cp_algo=megatron_cp_algo",
+    # The reference pads; packing is proven equal to it in test_packing, so one reference serves both.
+    "cp2_ring_packed": "parallel.cp=2 parallel.cp_algo=ring data.packing=true",
 }
 FOUR_PROCESS = {
     "dp_shard2_tp2": "parallel.dp_shard=2 parallel.tp=2 parallel.sequence_parallel=true",
     "pp2_tp2": "parallel.pp=2 parallel.tp=2",
     "hsdp_2x2": "parallel.dp_replicate=2 parallel.dp_shard=2",
     "pp2_dp_shard2": "parallel.pp=2 parallel.dp_shard=2",
+    "cp4_hybrid_2x2": "parallel.cp=4 parallel.cp_algo=hybrid_cp_algo parallel.cp_ulysses_degree=2",
+    "cp2_dp_shard2": "parallel.cp=2 parallel.cp_algo=ring parallel.dp_shard=2",
+    "cp2_tp2_sp": "parallel.cp=2 parallel.cp_algo=ulysses parallel.tp=2 parallel.sequence_parallel=true",
 }
 
 
@@ -81,12 +88,15 @@ def test_checkpoint_resumes_under_another_layout(saved_under, resumed_under, ref
         (["parallel.tp=3"], "parallel.tp=3"),
         (["parallel.pp=2", "parallel.pipeline_num_layers=1,1,1"], "parallel.pipeline_num_layers"),
         (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "parallel.virtual_stages"),
+        (["parallel.cp=2", "parallel.cp_algo=hybrid"], "parallel.cp_algo=hybrid"),
+        (["parallel.cp=2", "parallel.pp=2"], "parallel.cp=2 with parallel.pp=2"),
     ],
-    ids=["tp_does_not_divide", "bad_layer_list", "interleaved_without_virtual_stages"],
+    ids=["tp_does_not_divide", "bad_layer_list", "interleaved_without_virtual_stages", "hybrid_without_degree",
+         "cp_with_pp"],
 )
 def test_bad_layouts_are_one_line_errors(args, message, shapes_dir, tmp_path):
     config = make_tiny_run_config(str(tmp_path), shapes_dir)
-    nproc = "3" if "parallel.tp=3" in args else "2"
+    nproc = "3" if "parallel.tp=3" in args else "4" if "parallel.pp=2" in args and "parallel.cp=2" in args else "2"
     result = run_train(config, "--nproc", nproc, *args)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]

@@ -3,9 +3,31 @@
 Tensors are laid out ``(batch, heads, seq, head_dim)``. Keys/values may have fewer heads than queries
 (grouped-query attention) as long as the query head count is a multiple of theirs; query head ``h``
 reads key/value head ``h // (q_heads // kv_heads)``.
+
+Three layouts are supported, in any combination with ``causal`` and GQA:
+
+* dense: every row is one sequence (``attention_mask`` = ``None``);
+* padded: rows with padding (``attention_mask`` 1 real / 0 padding);
+* packed: one row holding several sequences back to back (``cu_seqlens``; MindSpeed's "EOD reset"),
+  optionally with padding inside the row as well (``attention_mask`` too).
+
+Backends: PyTorch SDPA everywhere; when the ``flash_attn`` package is installed and the tensors are
+fp16/bf16 on a CUDA device, the padded and packed layouts go through ``flash_attn_varlen_func``
+instead (padding is removed first, so no work is spent on it).
+
+Context parallelism: inside :func:`context_parallel_scope` (entered by the cp plan's module hooks,
+see :mod:`openspeed.distributed.context_parallel.modules`), ``q``/``k``/``v`` are one rank's sequence
+shard and the call is answered by the cp algorithm (Ulysses, ring or hybrid) over the whole sequence;
+``attention_mask`` is then the local shard and ``cu_seqlens`` stays global.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +64,164 @@ def _dense_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
+# --------------------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens)
+# --------------------------------------------------------------------------------------------------
+
+
+def _segment_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> list[int]:
+    """``cu_seqlens`` as a checked Python list (a host copy: pass a CPU tensor to avoid a device sync)."""
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs a batch of one packed sequence, got batch {batch}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq:
+        raise ValueError(f"cu_seqlens must run from 0 to seq ({seq}), got {bounds[0]}..{bounds[-1]}")
+    if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    return bounds
+
+
+def _run_as_batch(t: torch.Tensor, start: int, length: int, n: int) -> torch.Tensor:
+    """(1, H, seq, D) -> (n, H, length, D): ``n`` adjacent segments from ``start`` as batch rows (a view)."""
+    rows = t[0, :, start : start + n * length]
+    return rows.reshape(t.shape[1], n, length, t.shape[3]).transpose(0, 1)
+
+
+def _packed_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    attention_mask: torch.Tensor | None,
+    bounds: list[int],
+    scale: float | None,
+) -> torch.Tensor:
+    """Packed attention with SDPA: each run of back-to-back equal-length segments is one batched call.
+
+    A block-diagonal mask would cost O(seq^2) work and memory and keep SDPA off its fused kernels.
+    Instead a run of ``n`` adjacent segments of one length is viewed (no copy) as a batch of ``n``
+    rows: the vision tower's windows, mostly of one size, take a few calls per image rather than one
+    per window, and a packed text row of ``n`` samples takes at most ``n`` calls.
+    """
+    runs: list[list[int]] = []  # [start, length, count]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        if runs and runs[-1][1] == end - start:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, end - start, 1])
+    if not runs:
+        return torch.empty_like(q)
+    heads, dim = q.shape[1], q.shape[3]
+    outputs = []
+    for start, length, n in runs:
+        qr, kr, vr = (_run_as_batch(t, start, length, n) for t in (q, k, v))
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[0, start : start + n * length].reshape(n, length)
+        out = _dense_attention(qr, kr, vr, causal, mask, scale)  # (n, H, length, D)
+        outputs.append(out.transpose(0, 1).reshape(1, heads, n * length, dim))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# flash-attn varlen (CUDA, fp16/bf16, only when the package is installed)
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _flash_varlen_func() -> Callable | None:
+    """``flash_attn.flash_attn_varlen_func`` when flash-attn is installed and imports, else ``None``."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - a broken flash-attn build falls back to SDPA
+        return None
+    return flash_attn_varlen_func
+
+
+def _flash_dtype(q: torch.Tensor) -> torch.dtype | None:
+    """The dtype flash-attn's varlen kernel would run this call in, or ``None`` when it cannot take it.
+
+    Under autocast that is the autocast dtype (as for SDPA, which autocast casts down too): the
+    model's rotary step leaves q/k in fp32 even when the projections ran in bf16.
+    """
+    if q.device.type != "cuda" or q.shape[-1] > 256 or q.shape[-1] % 8 != 0:
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    if dtype not in (torch.float16, torch.bfloat16) or _flash_varlen_func() is None:
+        return None
+    return dtype
+
+
+def _flash_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    attention_mask: torch.Tensor | None,
+    bounds: list[int] | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Padded and/or packed attention through ``flash_attn_varlen_func``.
+
+    Every row (or, with ``bounds``, every segment of the single row) is one variable-length sequence;
+    with ``attention_mask`` its padding tokens are removed first. Causal masking within the remaining
+    tokens of a sequence equals the top-left causal mask over the padded row restricted to real keys
+    (what the SDPA path computes), whatever the padding layout. Padding queries get zeros.
+    """
+    batch, q_heads, seq, dim = q.shape
+    if bounds is None:
+        bounds = list(range(0, batch * seq + 1, seq))  # one sequence per row of the flattened batch
+    # (B, H, S, D) -> (B*S, H, D): the token-major layout flash-attn's varlen kernels take.
+    qf, kf, vf = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v))
+    keep = None
+    if attention_mask is None:
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    else:
+        real = attention_mask.reshape(-1).to("cpu", torch.bool)
+        lengths = [int(real[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        keep = real.nonzero().squeeze(1).to(q.device)
+        qf, kf, vf = qf.index_select(0, keep), kf.index_select(0, keep), vf.index_select(0, keep)
+    lengths = [n for n in lengths if n > 0]
+    if not lengths:
+        return torch.zeros_like(q)
+    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
+    longest = max(lengths)
+    out = _flash_varlen_func()(
+        qf, kf, vf, cu, cu, longest, longest,
+        dropout_p=0.0, softmax_scale=scale, causal=causal,
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+    )
+    if keep is not None:
+        out = out.new_zeros(batch * seq, q_heads, dim).index_copy(0, keep, out)
+    return out.view(batch, seq, q_heads, dim).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+# The context-parallel group attention calls are answered over, while a cp module runs.
+_context_parallel: Any = None
+
+
+@contextlib.contextmanager
+def context_parallel_scope(cp: Any) -> Iterator[None]:
+    """Within this block, :func:`attention` runs context-parallel over ``cp`` (a ``ContextParallel``)."""
+    global _context_parallel
+    previous, _context_parallel = _context_parallel, cp
+    try:
+        yield
+    finally:
+        _context_parallel = previous
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -59,34 +239,28 @@ def attention(
         causal: mask out keys after the query. Queries and keys are assumed to be the same positions
             (no KV cache), i.e. the mask is aligned top-left.
         attention_mask: ``(batch, seq)`` with 1 for real tokens and 0 for padding. Padding keys are
-            never attended to; padding queries produce finite garbage.
+            never attended to; padding queries produce finite garbage (zeros on the flash path).
         cu_seqlens: int cumulative segment lengths ``[0, l0, l0 + l1, ..., seq]`` for a batch of one
             packed sequence; attention never crosses a segment boundary (and ``causal`` applies within
-            each segment).
+            each segment). Empty segments are allowed. It is read on the host: a CPU tensor avoids a
+            device sync per call. May be combined with ``attention_mask`` (padding inside segments).
         scale: softmax scale; ``head_dim ** -0.5`` when ``None``.
     """
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if cu_seqlens is None:
-        return _dense_attention(q, k, v, causal, attention_mask, scale)
+    if _context_parallel is not None:
+        from openspeed.distributed.context_parallel import context_parallel_attention
 
-    if q.shape[0] != 1:
-        raise ValueError(f"cu_seqlens needs a batch of one packed sequence, got batch {q.shape[0]}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or bounds[-1] != q.shape[2]:
-        raise ValueError(f"cu_seqlens must run from 0 to seq ({q.shape[2]}), got {bounds[0]}..{bounds[-1]}")
-    # One SDPA call per segment: on CPU, for a few hundred tokens in windows of tens, this is several
-    # times faster than a single call with a block-diagonal mask (the mask costs O(seq^2) work).
-    outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        segment_mask = None if attention_mask is None else attention_mask[:, start:end]
-        outputs.append(
-            _dense_attention(
-                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], causal, segment_mask, scale
-            )
+        return context_parallel_attention(
+            q, k, v, cp=_context_parallel, causal=causal, attention_mask=attention_mask,
+            cu_seqlens=cu_seqlens, scale=scale,
         )
-    if not outputs:
-        return torch.empty_like(q)
-    return torch.cat(outputs, dim=2)
+    bounds = None if cu_seqlens is None else _segment_bounds(cu_seqlens, q.shape[0], q.shape[2])
+    # Dense batches stay on SDPA, whose own fused kernels cover them.
+    flash_dtype = None if bounds is None and attention_mask is None else _flash_dtype(q)
+    if flash_dtype is not None:
+        q, k, v = (t.to(flash_dtype) for t in (q, k, v))
+        return _flash_varlen_attention(q, k, v, causal, attention_mask, bounds, scale)
+    if bounds is None:
+        return _dense_attention(q, k, v, causal, attention_mask, scale)
+    return _packed_sdpa(q, k, v, causal, attention_mask, bounds, scale)

@@ -20,6 +20,7 @@ MODEL_INPUTS = (
     "second_per_grid_ts",
     "mm_token_type_ids",
     "labels",
+    "cu_seqlens",
 )
 
 
@@ -41,10 +42,13 @@ class VLMTask:
         )
         if len(self.train_set) == 0:
             raise DataError(f"data.train_path: no records in {cfg.data.train_path}")
+        # data.packing: each micro-batch becomes one row of back-to-back samples with cu_seqlens
+        # (see VLCollator); the model keeps attention, positions and targets inside each sample.
         self.collator = VLCollator(
             pad_token_id=self.processor.pad_token_id,
             image_token_id=self.processor.image_token_id,
             video_token_id=self.processor.video_token_id,
+            packing=cfg.data.packing,
         )
         # Training samples that could not be used: index -> reason. Each bad sample counts once,
         # however many epochs meet it.
@@ -88,12 +92,14 @@ class VLMTask:
 
     @staticmethod
     def count_targets(batch: dict[str, Any]) -> int:
+        """Loss tokens of the batch (padded or packed: a segment's first token is never a target)."""
         from openspeed.data.collator import count_label_tokens
 
         return count_label_tokens(batch)
 
     @staticmethod
     def count_tokens(batch: dict[str, Any]) -> int:
+        """Real (non-padding) tokens; a packed row's padding run has mask 0 too."""
         return int(batch["attention_mask"].sum())
 
     # ------------------------------------------------------------------ loss

@@ -18,6 +18,7 @@ from openspeed.accelerator import destroy_distributed, get_accelerator, init_dis
 from openspeed.config import RunConfig, dump_yaml, resolve_layout
 from openspeed.data.loader import step_batches
 from openspeed.data.schedule import GlobalBatchSchedule
+from openspeed.distributed.context_parallel.modules import suspended as cp_suspended
 from openspeed.distributed.fsdp import gathered_parameters, set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
 from openspeed.distributed.pipeline import (
@@ -80,14 +81,20 @@ def _seed_all(acc, seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def check_supported(sizes: dict[str, int]) -> None:
-    """Dimensions that later work wires in: reject them clearly instead of running them wrongly."""
-    for name, feature in (("cp", "context parallel"),):
-        if sizes[name] > 1:
-            raise ConfigError(
-                f"parallel.{name}={sizes[name]}: {feature} is not available in this version; "
-                "use parallel.dp_shard / parallel.dp_replicate"
-            )
+def check_supported(cfg: RunConfig, sizes: dict[str, int]) -> None:
+    """Layouts this version cannot run: rejected with one line instead of run wrongly."""
+    if sizes["cp"] > 1 and sizes["pp"] > 1:
+        raise ConfigError(
+            f"parallel.cp={sizes['cp']} with parallel.pp={sizes['pp']}: context parallel is not available "
+            "inside pipeline stages yet; use cp with dp_shard / dp_replicate / tp"
+        )
+    if cfg.parallel.sequence_parallel and sizes["tp"] == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if cfg.data.packing and sizes["pp"] > 1:
+        raise ConfigError(
+            "data.packing=true is not available with parallel.pp > 1 (pipeline micro-batches are padded "
+            "to data.max_seq_len); set data.packing=false"
+        )
 
 
 def _any_rank(flag: bool) -> bool:
@@ -123,11 +130,15 @@ def run_training(cfg: RunConfig) -> dict:
 
 def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     sizes = resolve_layout(cfg, world)
-    check_supported(sizes)
-    if cfg.parallel.sequence_parallel and sizes["tp"] == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    dims = build_mesh(sizes, acc.device_type)
+    check_supported(cfg, sizes)
+    dims = build_mesh(sizes, acc.device_type, cfg.parallel.cp_algo, cfg.parallel.cp_ulysses_degree)
+    if sizes["cp"] > 1:
+        try:
+            cp = dims.context_parallel()
+        except ConfigError as exc:
+            raise ConfigError(f"parallel.cp_algo={cfg.parallel.cp_algo}: {exc}") from None
     dp_group, dp_rank, dp_size = dims.dp_group(), dims.dp_rank(), dims.dp_size
+    loss_group = dims.loss_group()  # each cp rank's loss covers its share of the tokens
     is_main = rank == 0
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -139,6 +150,9 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
 
     task = VLMTask(cfg)
+    if sizes["cp"] > 1:
+        # Every batch's length must split evenly over the cp layout (zigzag chunks for ring / hybrid).
+        task.collator.pad_to_multiple_of = math.lcm(task.collator.pad_to_multiple_of or 1, cp.seq_multiple)
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     if sizes["pp"] > 1:
         _check_pipeline(cfg, sizes, n_micro)
@@ -234,7 +248,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
                     loss = task.loss(model, batch, int(targets))
                     loss.backward()
                 loss_sum += plain_tensor(loss).detach().double().cpu()
-        dist.all_reduce(loss_sum, group=dp_group)
+        dist.all_reduce(loss_sum, group=loss_group)
         grad_norm = clip_grad_norm(trainable, cfg.train.grad_clip, norm_group, norm_skip)
         lr = optim.lr
         if math.isfinite(grad_norm):
@@ -263,7 +277,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
 
         if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
             loader.wait()  # the next step's loading shares the tokenizer and processor
-            record, scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
+            with cp_suspended():  # validation runs every cp rank on whole sequences
+                record, scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
             last_eval = {"step": step, "record": record, "scores": scores}
             metrics.log({"step": step, **record})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
@@ -289,7 +304,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         if last_eval.get("step") == step:
             final_eval, final_scores = last_eval["record"], last_eval["scores"]
         else:
-            final_eval, final_scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
+            with cp_suspended():
+                final_eval, final_scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
             metrics.log({"step": step, **final_eval})
     if cfg.checkpoint.save_final and last_saved != step and step > start_step:
         save(step)
@@ -298,7 +314,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         # The real-image answers are the final validation's; only the blank-image pass is new.
         indices = _eval_indices(cfg, task.val_set)
         real = final_scores
-        blank = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices, blank_images=True)
+        with cp_suspended():
+            blank = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices, blank_images=True)
         held_out = {"real": real, "blank": blank}
         metrics.log({"step": step, "heldout_accuracy": real["accuracy"], "heldout_per_type": real["per_type"],
                      "heldout_chance": real["chance_accuracy"], "heldout_blank_accuracy": blank["accuracy"],

@@ -242,15 +242,21 @@ class TextAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x``: (batch, seq, hidden); ``cos``/``sin``: (batch, seq, head_dim)."""
+        """``x``: (batch, seq, hidden); ``cos``/``sin``: (batch, seq, head_dim).
+
+        ``cu_seqlens``: segment bounds of a packed row (batch 1); attention stays inside each segment.
+        """
         b, s, _ = x.shape
         # Head counts from the projections (-1), so a tensor-parallel rank's head shard works too.
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
-        out = attention(q, k, v, causal=True, attention_mask=attention_mask, scale=self.head_dim**-0.5)
+        out = attention(
+            q, k, v, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, scale=self.head_dim**-0.5
+        )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -270,9 +276,11 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x``: (batch, seq, hidden)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask)
+        """``x``: (batch, seq, hidden); ``cu_seqlens`` as in :class:`TextAttention`."""
+        # cu_seqlens goes by keyword: tensor-parallel input hooks lay out the positional args only.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cu_seqlens=cu_seqlens)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -292,18 +300,31 @@ class Qwen2LanguageModel(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(batch, seq, hidden) embeddings and (3, batch, seq) positions -> final hidden states."""
+        """(batch, seq, hidden) embeddings and (3, batch, seq) positions -> final hidden states.
+
+        ``cu_seqlens``: segment bounds of a packed row (batch 1); attention never crosses them.
+        """
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, attention_mask)
+            x = layer(x, cos, sin, attention_mask, cu_seqlens=cu_seqlens)
         return self.norm(x)
 
 
 # --------------------------------------------------------------------------------------------------
 # Full model
 # --------------------------------------------------------------------------------------------------
+
+
+def segment_positions(cu_seqlens: torch.Tensor, seq: int) -> torch.Tensor:
+    """(seq,) long positions that count from 0 inside every ``cu_seqlens`` segment (on the CPU)."""
+    bounds = cu_seqlens.detach().to("cpu", torch.long)
+    lengths = bounds[1:] - bounds[:-1]
+    if int(bounds[0]) != 0 or int(bounds[-1]) != seq:
+        raise ValueError(f"cu_seqlens must run from 0 to seq ({seq}), got {int(bounds[0])}..{int(bounds[-1])}")
+    return torch.arange(seq) - torch.repeat_interleave(bounds[:-1], lengths)
 
 
 def mrope_position_ids(
@@ -315,9 +336,11 @@ def mrope_position_ids(
     second_per_grid_ts: torch.Tensor | None = None,
     mm_token_type_ids: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(3, batch, seq) positions: the given ones (2-D ones repeated), 3-D M-RoPE when a grid is
-    given (see :func:`get_rope_index`), else ``0..seq-1``."""
+    given (see :func:`get_rope_index`), else ``0..seq-1``. With ``cu_seqlens`` (a packed row) the
+    computed positions restart at every segment, as if each segment were a row of its own."""
     if position_ids is None:
         if image_grid_thw is not None or video_grid_thw is not None:
             if mm_token_type_ids is None:
@@ -333,13 +356,39 @@ def mrope_position_ids(
                 attention_mask,
                 cfg.vision.spatial_merge_size,
                 cfg.vision.tokens_per_second,
+                cu_seqlens=cu_seqlens,
             )
+        elif cu_seqlens is not None:
+            position_ids = segment_positions(cu_seqlens, input_ids.shape[1]).to(input_ids.device)[None]
         else:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.expand(input_ids.shape[0], -1)
     if position_ids.dim() == 2:
         position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
     return position_ids
+
+
+def _attention_mask_needed(
+    attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``attention_mask`` if the text attention must apply it, else ``None``.
+
+    Without padding the mask is pure overhead, and an explicit mask keeps SDPA off its fused causal
+    kernels (and flash-attn's varlen path off its no-copy layout); one host sync is far cheaper than
+    that. In a packed row, padding that fills whole segments (the collator's trailing run) is never
+    seen by a real token either, so the mask is dropped too; padding inside a sample's segment keeps it.
+    """
+    if attention_mask is None:
+        return None
+    if cu_seqlens is None:
+        return None if bool(attention_mask.all()) else attention_mask
+    mask = attention_mask.detach().to("cpu", torch.bool)[0]
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        segment = mask[start:end]
+        if end > start and bool(segment.any()) and not bool(segment.all()):
+            return attention_mask
+    return None
 
 
 @dataclass
@@ -350,27 +399,53 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
 
 
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Next-token cross-entropy in fp32 with ``labels`` aligned to the inputs (shifted here).
+def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """The target of every position: ``labels`` (aligned to the inputs) shifted left by one, -100 last.
 
-    Returns the mean over label tokens, or, when ``num_items_in_batch`` is given, the sum divided by it
-    (so that summing micro-batch/rank losses gives the exact global mean).
+    With ``cu_seqlens`` (a packed row) the last position of every segment gets -100 too, so no
+    sample's last token is asked to predict the next sample's first one.
     """
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.long) - 1
+        targets[..., ends[ends >= 0]] = IGNORE_INDEX  # a view of F.pad's fresh tensor: labels stay intact
+    return targets
+
+
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy in fp32 of ``logits`` against per-position ``targets`` (-100 = ignore), no shift.
+
+    The mean over target tokens, or, with ``num_items_in_batch``, the sum divided by it (so that
+    summing micro-batch / rank losses gives the exact global mean).
+    """
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
+        targets.to(logits.device).reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     return loss
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32 with ``labels`` aligned to the inputs (shifted here).
+
+    Returns the mean over label tokens, or, when ``num_items_in_batch`` is given, the sum divided by it
+    (so that summing micro-batch/rank losses gives the exact global mean). With ``cu_seqlens`` (a
+    packed row) the first token of every segment is never a target: no sample's last token is asked
+    to predict the next sample's first one.
+    """
+    return token_loss(logits, next_token_targets(labels, cu_seqlens), num_items_in_batch)
 
 
 class Qwen2_5_VLModel(nn.Module):
@@ -427,11 +502,13 @@ class Qwen2_5_VLModel(nn.Module):
         second_per_grid_ts: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token embeddings with the vision features in place, (3, batch, seq) positions and the mask.
 
         The first half of :meth:`forward`; pipeline stages call it on the first stage only.
-        The returned mask is ``None`` when there is no padding.
+        The returned mask is ``None`` when the attention needs none: no padding, or, for a packed row
+        (``cu_seqlens``), padding only in segments of its own (which real tokens never see).
         """
         cfg = self.config
         embeds = self.language_model.embed_tokens(input_ids)
@@ -444,15 +521,9 @@ class Qwen2_5_VLModel(nn.Module):
 
         position_ids = mrope_position_ids(
             cfg, input_ids, attention_mask, image_grid_thw, video_grid_thw, second_per_grid_ts,
-            mm_token_type_ids, position_ids,
+            mm_token_type_ids, position_ids, cu_seqlens,
         )
-
-        text_mask = attention_mask
-        # Without padding the mask is pure overhead, and an explicit mask keeps SDPA off its fused
-        # causal kernels; one host sync is far cheaper than that.
-        if text_mask is not None and bool(text_mask.all()):
-            text_mask = None
-        return embeds, position_ids, text_mask
+        return embeds, position_ids, _attention_mask_needed(attention_mask, cu_seqlens)
 
     def forward(
         self,
@@ -467,6 +538,8 @@ class Qwen2_5_VLModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Run the model on a (batch, seq) batch.
 
@@ -475,7 +548,20 @@ class Qwen2_5_VLModel(nn.Module):
         :func:`get_rope_index`), else positions are ``0..seq-1``. ``position_ids`` may be given as
         (batch, seq) or (3, batch, seq). With ``labels`` (aligned to ``input_ids``, -100 = ignore) the
         causal LM loss is returned too (see :func:`causal_lm_loss`).
+
+        ``cu_seqlens`` (int ``[0, l0, l0 + l1, ..., seq]``) marks a packed row (batch 1) of several
+        samples, as :class:`~openspeed.data.collator.VLCollator` builds with ``packing=True``: each
+        segment is computed exactly as if it were a row of its own in a padded batch (attention
+        inside the segment, M-RoPE positions from 0, no target across a boundary).
+
+        ``shift_labels`` instead of ``labels``: the targets already shifted (position ``i`` holds the
+        token that should follow it, see :func:`next_token_targets`), aligned with the logits this
+        forward returns. Context parallelism uses it: the shift crosses the boundaries between the
+        ranks' token shards, so it is done on the whole sequence before the split.
         """
+        if cu_seqlens is not None:
+            # Read on the host once per forward (one sync at most), not once per layer.
+            cu_seqlens = cu_seqlens.detach().cpu()
         embeds, position_ids, text_mask = self.embed_inputs(
             input_ids,
             attention_mask,
@@ -486,10 +572,15 @@ class Qwen2_5_VLModel(nn.Module):
             second_per_grid_ts,
             mm_token_type_ids,
             position_ids,
+            cu_seqlens,
         )
-        hidden = self.language_model(embeds, position_ids, text_mask)
+        hidden = self.language_model(embeds, position_ids, text_mask, cu_seqlens)
         logits = self.lm_head(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, labels, num_items_in_batch)
+        loss = None
+        if shift_labels is not None:
+            loss = token_loss(logits, shift_labels, num_items_in_batch)
+        elif labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, cu_seqlens)
         return CausalLMOutput(logits=logits, loss=loss)
 
 

@@ -1,8 +1,9 @@
 """Qwen2.5-VL parallel plan, applied from outside the model (the model file has no distributed code).
 
 Order (fixed, as torchtitan documents it): tensor parallel -> context parallel -> recomputation ->
-FSDP2. Tensor (+ sequence) parallelism and FSDP2 / HSDP over the data-parallel dims are applied
-here, to the whole model or to one pipeline stage (``pipeline.py`` cuts the stages first).
+FSDP2. Tensor (+ sequence) parallelism, context parallelism and FSDP2 / HSDP over the data-parallel
+dims are applied here, to the whole model or (tp, FSDP) to one pipeline stage (``pipeline.py`` cuts
+the stages first).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from openspeed.distributed.context_parallel import ContextParallel
+from openspeed.distributed.context_parallel.modules import route_attention, shard_inputs
 from openspeed.distributed.fsdp import apply_fsdp
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.distributed.tensor_parallel import (
@@ -30,6 +33,7 @@ from openspeed.distributed.tensor_parallel import (
     vocab_parallel_head,
 )
 from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from openspeed.models.qwen2_5_vl.model import next_token_targets
 
 # Positional args of DecoderLayer / TextAttention: (x, cos, sin, attention_mask).
 _TEXT_BLOCK_ARGS = 4
@@ -135,11 +139,37 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     return model
 
 
+def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
+    """Split the language model's sequence over the cp group, in place (hooks; no model change).
+
+    The vision tower, the embedding and the M-RoPE positions are computed on the whole sequence on
+    every cp rank (they need all image tokens); the decoder stack then gets this rank's tokens of
+    the embeddings, positions and padding mask, its attention runs the cp algorithm, and the head
+    and loss see only local tokens. The labels are turned into next-token targets on the whole
+    sequence first (the shift crosses shard boundaries) and split the same way, so each rank's loss
+    is its tokens' share of the global sum. Packed batches keep their global ``cu_seqlens``.
+    """
+    shard_inputs(model.language_model, cp, {"inputs_embeds": 1, "position_ids": 2, "attention_mask": 1})
+    for layer in model.language_model.layers:
+        route_attention(layer.self_attn, cp)
+
+    def to_targets(bound: dict) -> dict:
+        labels = bound.pop("labels", None)
+        if labels is not None:
+            bound["shift_labels"] = next_token_targets(labels, bound.get("cu_seqlens"))
+        return bound
+
+    shard_inputs(model, cp, {"shift_labels": 1}, transform=to_targets)
+    return model
+
+
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
     """Apply the run's parallel layout to a Qwen2.5-VL model built on the meta device."""
     if dims.sizes.get("tp", 1) > 1:
         apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel))
-    if dims.dp_enabled:
+    if dims.cp_size > 1:
+        apply_context_parallel(model, dims.context_parallel())
+    if dims.fsdp_enabled:
         # One FSDP unit per transformer block (vision and language), the root keeps the rest:
         # patch embed, merger, embeddings, final norm and head.
         # A pipeline stage lists the blocks it holds.

@@ -42,6 +42,7 @@ def get_rope_index(
     attention_mask: torch.Tensor | None,
     spatial_merge_size: int,
     tokens_per_second: float,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute M-RoPE position ids.
 
@@ -51,6 +52,10 @@ def get_rope_index(
     position advances by ``max(h, w)``. Grids are consumed in order across the whole batch. Padding
     positions (``attention_mask == 0``) stay 0.
 
+    With ``cu_seqlens`` (a packed batch of one row) every segment is numbered as if it were a row of
+    its own: positions restart at 0 at each segment start, so a packed sample gets exactly the
+    positions it would get alone.
+
     Args:
         input_ids: (batch, seq); only its shape/device/dtype are used.
         mm_token_type_ids: (batch, seq) 0 text, 1 image placeholder, 2 video placeholder.
@@ -59,10 +64,13 @@ def get_rope_index(
         attention_mask: (batch, seq) 1 real / 0 padding, or ``None``.
         spatial_merge_size: merge factor of the vision tower.
         tokens_per_second: temporal positions per second of video.
+        cu_seqlens: int ``[0, l0, l0 + l1, ..., seq]`` segment bounds of a packed row (batch 1), or
+            ``None``.
 
     Returns:
         ``position_ids`` (3, batch, seq) with ``input_ids``' dtype and device, and ``deltas`` (batch, 1):
-        ``max position + 1 - number of real tokens``, the offset generation adds to later positions.
+        ``max position + 1 - number of real tokens``, the offset generation adds to later positions
+        (with ``cu_seqlens``: (segments, 1), one per segment).
     """
     if mm_token_type_ids is None:
         raise ValueError("get_rope_index needs mm_token_type_ids (0 text, 1 image, 2 video per token)")
@@ -78,10 +86,21 @@ def get_rope_index(
     type_rows = mm_token_type_ids.tolist()
     mask_rows = None if attention_mask is None else attention_mask.bool().tolist()
 
+    # Rows to number independently: (batch row, token indices), padding left out.
+    if cu_seqlens is None:
+        spans = [(b, 0, seq) for b in range(batch)]
+    else:
+        if batch != 1:
+            raise ValueError(f"cu_seqlens needs a batch of one packed row, got batch {batch}")
+        bounds = cu_seqlens.tolist()
+        spans = [(0, start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+    rows = [
+        (b, [i for i in range(start, end) if mask_rows is None or mask_rows[b][i]]) for b, start, end in spans
+    ]
+
     position_ids = torch.zeros(3, batch, seq, dtype=torch.long)
     deltas = []
-    for b in range(batch):
-        keep = list(range(seq)) if mask_rows is None else [i for i, m in enumerate(mask_rows[b]) if m]
+    for sample, (b, keep) in enumerate(rows):
         pieces = []
         pos = 0
         for modality, run in itertools.groupby(type_rows[b][i] for i in keep):
@@ -91,7 +110,7 @@ def get_rope_index(
                 pos += run_len
                 continue
             if modality not in (IMAGE, VIDEO):
-                raise ValueError(f"unknown mm_token_type_id {modality} in sample {b}")
+                raise ValueError(f"unknown mm_token_type_id {modality} in sample {sample}")
             # A run may hold several adjacent images/videos; take grids until it is covered.
             while run_len > 0:
                 kind = "image" if modality == IMAGE else "video"
@@ -110,7 +129,7 @@ def get_rope_index(
                 pos += max(grid_h, grid_w)
                 run_len -= grid_t * grid_h * grid_w
                 if run_len < 0:
-                    raise ValueError(f"{kind} placeholder count in sample {b} does not match {kind}_grid_thw")
+                    raise ValueError(f"{kind} placeholder count in sample {sample} does not match {kind}_grid_thw")
         if pieces:
             positions = torch.cat(pieces, dim=1)
             position_ids[:, b, keep] = positions
