@@ -23,15 +23,32 @@ PARALLEL_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
+class LoRAConfig:
+    rank: int = 0
+    """LoRA rank on the DiT's linear layers (0: no LoRA, the whole model trains)."""
+    alpha: float | None = None
+    """LoRA scaling numerator: the update is (alpha / rank) * B A; None takes the rank (scale 1)."""
+    targets: list[str] = field(
+        default_factory=lambda: ["self_attn.*_proj", "cross_attn.*_proj", "ffn.fc1", "ffn.fc2"]
+    )
+    """Module-name patterns of the linear layers that get adapters (globs or name suffixes, native or
+    diffusers names, e.g. blocks.*.self_attn.q_proj or attn1.to_q)."""
+
+
+@dataclass
 class ModelConfig:
     path: str = ""
-    """Hugging Face-format model directory (config.json, tokenizer, processor; weights optional)."""
+    """Hugging Face-format model directory (config.json, tokenizer, processor; weights optional), or a
+    diffusers Wan pipeline directory (model_index.json) or its transformer folder."""
     init_std: float | None = None
     """Std of the normal init for weight matrices; None takes the model config's initializer_range."""
     rope_theta: float | None = None
     """Override of the language model's RoPE base (small recipes learn faster with a small base)."""
     freeze: list[str] = field(default_factory=list)
     """Parts that get no gradient and no optimizer state: any of vision, merger, llm."""
+    vae: Literal["pipeline", "identity"] = "pipeline"
+    """Wan: the pipeline's VAE, or identity (pixel space: the latent is the video in [-1, 1])."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -40,7 +57,7 @@ class DataConfig:
     val_path: str | None = None
     max_seq_len: int = 2048
     num_workers: int = 0
-    generate: Literal["shapes"] | None = None
+    generate: Literal["shapes", "moving_shapes"] | None = None
     """Synthetic data set made on first use when train_path is missing."""
     generate_dir: str | None = None
     generate_num: int = 2000
@@ -53,6 +70,18 @@ class DataConfig:
     generate_vision_width: int = 64
     """Vision-tower width of the synthetic set's tiny model (its MLP is twice as wide)."""
     packing: bool = False
+    video_buckets: list[str] = field(default_factory=lambda: ["81x480x832"])
+    """Wan: FRAMESxHEIGHTxWIDTH buckets clips are resized / cropped into."""
+    frame_interval: int = 1
+    """Wan: take every N-th frame of a clip, from its first."""
+    text_len: int = 512
+    """Wan: caption tokens (UMT5 states, zero-padded); image-to-video needs 512."""
+    caption_dropout: float = 0.1
+    """Wan: probability of training a sample on the empty caption (for classifier-free guidance)."""
+    generate_jitter: float = 1.0
+    """moving_shapes: largest random offset (pixels) of a path across and along its direction."""
+    generate_dit: dict = field(default_factory=dict)
+    """moving_shapes: WanTransformer3DModel arguments of the demo's tiny DiT (over the defaults)."""
 
 
 @dataclass
@@ -96,6 +125,12 @@ class TrainConfig:
     deterministic: bool = False
     exit_interval: int | None = None
     """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval)."""
+    ema_decay: float | None = None
+    """Wan: keep an exponential moving average of the trained weights with this decay (None: off)."""
+    flow_shift: float = 5.0
+    """Wan: timestep shift of flow matching, sigma = shift*u / (1 + (shift-1)*u); also sampling's default."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """Wan: distribution of u before the shift."""
 
 
 @dataclass
@@ -112,9 +147,35 @@ class OptimConfig:
 
 @dataclass
 class MemoryConfig:
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: Literal["none", "selective", "full", "activation", "norm"] = "none"
+    """Activation recomputation (openspeed.memory.recompute): full keeps only each layer's inputs,
+    selective keeps matmul/attention outputs, activation recomputes the MLP activation, norm the norms."""
     recompute_num_layers: int | None = None
+    """Recompute the first N layers of each layer stack (per pipeline stage); None: every layer."""
+    offload_activations: list[str] = field(default_factory=list)
+    """Modules whose saved activations wait in host memory: attention, mlp, norm, layer (optionally
+    stack-qualified, e.g. text.attention) or globs over module paths."""
+    offload_optimizer: bool = False
+    """AdamW state on the host, updated there (openspeed.memory.offload.OffloadedAdamW)."""
+    offload_master_weights: bool = False
+    """With offload_optimizer: keep fp32 master weights on the host too."""
     budget_gb: float | None = None
+    """Adaptive recompute: after a measured first step, recompute the fewest layers that bring one
+    micro-batch's saved activations (plus model and optimizer state) under this many GB per rank."""
+
+    def check(self) -> None:
+        """Value checks that need no torch (called from ``check_values``)."""
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 0:
+            raise ConfigError(f"memory.recompute_num_layers: must not be negative, got {self.recompute_num_layers}")
+        if self.budget_gb is not None and not self.budget_gb > 0:
+            raise ConfigError(f"memory.budget_gb: must be positive, got {self.budget_gb}")
+        if self.budget_gb is not None and self.recompute != "none":
+            raise ConfigError(
+                f"memory.budget_gb chooses what to recompute itself: leave memory.recompute at none "
+                f"(got {self.recompute})"
+            )
+        if self.offload_master_weights and not self.offload_optimizer:
+            raise ConfigError("memory.offload_master_weights needs memory.offload_optimizer=true")
 
 
 @dataclass
@@ -220,6 +281,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         elif not isinstance(value, list):
             value = [value]
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        return _build_section(key, annotation, value)
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_describe(value)}")
+        return dict(value)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -398,11 +465,36 @@ def check_values(cfg: RunConfig) -> None:
     for part in cfg.model.freeze:
         if part not in ("vision", "merger", "llm"):
             raise ConfigError(f"model.freeze: unknown part '{part}' (choose from vision, merger, llm)")
+    _check_video_values(cfg)
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={cfg.train.micro_batch_size}"
         )
+
+
+def _check_video_values(cfg: RunConfig) -> None:
+    """Range checks of the video-generation (Wan) keys."""
+    lora, data, train = cfg.model.lora, cfg.data, cfg.train
+    if lora.rank < 0:
+        raise ConfigError(f"model.lora.rank: must not be negative, got {lora.rank}")
+    if lora.alpha is not None and not lora.alpha > 0:
+        raise ConfigError(f"model.lora.alpha: must be positive, got {lora.alpha}")
+    if lora.rank and not lora.targets:
+        raise ConfigError("model.lora.targets: give at least one module-name pattern")
+    for bucket in data.video_buckets:
+        if not re.fullmatch(r"\s*[1-9]\d*x[1-9]\d*x[1-9]\d*\s*", str(bucket).lower()):
+            raise ConfigError(f"data.video_buckets: '{bucket}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")
+    if data.frame_interval < 1:
+        raise ConfigError(f"data.frame_interval: must be at least 1, got {data.frame_interval}")
+    if data.text_len < 1:
+        raise ConfigError(f"data.text_len: must be at least 1, got {data.text_len}")
+    if not 0 <= data.caption_dropout < 1:
+        raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {data.caption_dropout}")
+    if train.ema_decay is not None and not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {train.ema_decay}")
+    if not train.flow_shift > 0:
+        raise ConfigError(f"train.flow_shift: must be positive, got {train.flow_shift}")
 
 
 def resolve_layout(cfg: RunConfig, world_size: int) -> dict[str, int]:
