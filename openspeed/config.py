@@ -466,6 +466,7 @@ def check_values(cfg: RunConfig) -> None:
         if part not in ("vision", "merger", "llm"):
             raise ConfigError(f"model.freeze: unknown part '{part}' (choose from vision, merger, llm)")
     _check_video_values(cfg)
+    cfg.memory.check()
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "

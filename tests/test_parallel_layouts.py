@@ -21,6 +21,11 @@ TWO_PROCESS = {
     "cp2_ring": "parallel.cp=2 parallel.cp_algo=megatron_cp_algo",
     # The reference pads; packing is proven equal to it in test_packing, so one reference serves both.
     "cp2_ring_packed": "parallel.cp=2 parallel.cp_algo=ring data.packing=true",
+    "cp2_ring_selective_recompute": "parallel.cp=2 parallel.cp_algo=ring memory.recompute=selective",
+    "dp_shard2_memory_savers": (
+        "parallel.dp_shard=2 memory.recompute=activation memory.offload_activations=[attention] "
+        "memory.offload_optimizer=true"
+    ),
 }
 FOUR_PROCESS = {
     "dp_shard2_tp2": "parallel.dp_shard=2 parallel.tp=2 parallel.sequence_parallel=true",

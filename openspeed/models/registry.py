@@ -57,6 +57,8 @@ class ModelSpec:
         parallelize: ``(model, parallel_dims, run_config)``; applies the model's parallel plan to a
             model built on the meta device (kept beside the model, never inside it).
         pipeline: the :class:`PipelinePlan`, or ``None`` when the family has none.
+        memory_plan: ``model -> openspeed.memory.MemoryPlan``: the layer stacks and their attention /
+            MLP / norm modules that recomputation and activation offload act on (``None``: none).
     """
 
     name: str
@@ -74,6 +76,7 @@ class ModelSpec:
     part_of: Callable[[str], str]
     parallelize: Callable[..., nn.Module]
     pipeline: PipelinePlan | None = None
+    memory_plan: Callable[[nn.Module], Any] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

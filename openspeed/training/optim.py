@@ -7,11 +7,15 @@ import math
 import torch
 from torch import nn
 
-from openspeed.config import OptimConfig
+from openspeed.config import MemoryConfig, OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; norms and biases (1-D tensors) get no weight decay."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, memory: MemoryConfig | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; norms and biases (1-D tensors) get no weight decay.
+
+    With ``memory.offload_optimizer`` the AdamW state lives (and is updated) in host memory
+    (:class:`openspeed.memory.OffloadedAdamW`, MindSpeed's swap optimizer); the updates are the same.
+    """
     decay, no_decay = [], []
     for _, param in model.named_parameters():
         if not param.requires_grad:
@@ -22,6 +26,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    if memory is not None and memory.offload_optimizer:
+        from openspeed.memory import OffloadedAdamW
+
+        return OffloadedAdamW(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            master_weights=memory.offload_master_weights,
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
@@ -50,9 +61,12 @@ class Optimizers:
     ``parts[i]``; it is ``None`` for a part without trainable parameters.
     """
 
-    def __init__(self, parts: list[nn.Module], cfg: OptimConfig, max_steps: int) -> None:
+    def __init__(
+        self, parts: list[nn.Module], cfg: OptimConfig, max_steps: int, memory: MemoryConfig | None = None
+    ) -> None:
         self.per_part = [
-            build_optimizer(p, cfg) if any(q.requires_grad for q in p.parameters()) else None for p in parts
+            build_optimizer(p, cfg, memory) if any(q.requires_grad for q in p.parameters()) else None
+            for p in parts
         ]
         self.optimizers = [o for o in self.per_part if o is not None]
         self.schedulers = [build_scheduler(o, max_steps, cfg) for o in self.optimizers]

@@ -160,7 +160,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
     if not _any_rank(bool(trainable)):
         raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
-    optim = Optimizers(parts, cfg.optim, cfg.train.max_steps)
+    optim = Optimizers(parts, cfg.optim, cfg.train.max_steps, cfg.memory)
     pipe = None
     if sizes["pp"] > 1:
         packer = spec.pipeline.packer(config, cfg.data.max_seq_len, task.processor.pad_token_id,

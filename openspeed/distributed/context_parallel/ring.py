@@ -64,8 +64,11 @@ class RingAttention(torch.autograd.Function):
             if plan is not None:
                 block_out, block_lse = block_forward(q, cur_k, cur_v, plan, scale, math)
                 if out_acc is None and _covers(plan.rows, q.shape[2]):
-                    # The first block over every row is the accumulator as it is (no merge, no copy).
-                    out_acc, lse_acc = block_out.float(), block_lse
+                    # The first block over every row starts the accumulator (no merge). A copy, as later
+                    # blocks merge into it in place: the kernel's own output may be held elsewhere (a
+                    # selective-recompute cache keeps attention outputs and refuses mutated ones).
+                    out_acc = block_out.to(torch.float32, copy=True)
+                    lse_acc = block_lse.to(torch.float32, copy=True)
                 else:
                     if out_acc is None:
                         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

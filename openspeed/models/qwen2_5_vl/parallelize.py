@@ -32,7 +32,9 @@ from openspeed.distributed.tensor_parallel import (
     vocab_parallel_embedding,
     vocab_parallel_head,
 )
+from openspeed.memory.apply import apply_memory_config
 from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig
+from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
 from openspeed.models.qwen2_5_vl.model import next_token_targets
 
 # Positional args of DecoderLayer / TextAttention: (x, cos, sin, attention_mask).
@@ -169,6 +171,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
         apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel))
     if dims.cp_size > 1:
         apply_context_parallel(model, dims.context_parallel())
+    apply_memory_config(model, cfg.memory, memory_plan(model))
     if dims.fsdp_enabled:
         # One FSDP unit per transformer block (vision and language), the root keeps the rest:
         # patch embed, merger, embeddings, final norm and head.

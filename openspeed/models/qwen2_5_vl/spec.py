@@ -6,6 +6,7 @@ from openspeed.errors import ConfigError
 from openspeed.models.qwen2_5_vl.config import HF_ARCHITECTURE, MODEL_TYPE, Qwen2_5_VLConfig
 from openspeed.models.qwen2_5_vl.convert import hf_to_native, native_to_hf
 from openspeed.models.qwen2_5_vl.flops import training_flops
+from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
 from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel, reset_non_persistent_buffers
 from openspeed.models.qwen2_5_vl.parallelize import parallelize
 from openspeed.models.qwen2_5_vl.pipeline import (
@@ -64,6 +65,7 @@ QWEN2_5_VL_SPEC = ModelSpec(
         loss=stage_loss,
         check=check_pipeline_split,
     ),
+    memory_plan=memory_plan,
 )
 
 register_model(QWEN2_5_VL_SPEC)
