@@ -7,8 +7,12 @@ from __future__ import annotations
 import functools
 import gc
 import importlib.util
+import json
 import os
+import platform
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -70,6 +74,57 @@ class Accelerator:
         if self.device_type == "npu":
             return torch.npu.max_memory_allocated()  # type: ignore[attr-defined]
         return 0
+
+    def device_name(self) -> str:
+        """A name for this kind of device (the processor on the CPU), used to key cached peaks."""
+        if self.device_type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        if self.device_type == "npu":
+            return torch.npu.get_device_name(self.device)  # type: ignore[attr-defined]
+        return platform.processor() or platform.machine() or "cpu"
+
+    def peak_flops(self, dtype: torch.dtype) -> float:
+        """This device's matmul peak in FLOP/s for ``dtype``, measured once and cached on disk.
+
+        The measurement is the best of a few large square matmuls (on the CPU with the process's
+        current thread count, which is part of the cache key). The cache is a JSON file under
+        ``$OPENSPEED_CACHE`` (default ``~/.cache/openspeed``); a missing or unwritable cache just
+        means measuring again (about a second).
+        """
+        threads = torch.get_num_threads() if self.device_type == "cpu" else 0
+        key = f"{self.device_type}|{self.device_name()}|{dtype}|threads={threads}|torch={torch.__version__}"
+        cache = Path(os.environ.get("OPENSPEED_CACHE", Path.home() / ".cache" / "openspeed")) / "peak_flops.json"
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
+            return float(known[key])
+        peak = self._measure_matmul_peak(dtype)
+        try:
+            known = known if isinstance(known, dict) else {}
+            known[key] = peak
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+        return peak
+
+    def _measure_matmul_peak(self, dtype: torch.dtype) -> float:
+        n = 1024 if self.device_type == "cpu" else 8192
+        a = torch.randn(n, n, device=self.device).to(dtype)
+        b = torch.randn(n, n, device=self.device).to(dtype)
+        best = float("inf")
+        for rep in range(10):
+            self.synchronize()
+            start = time.perf_counter()
+            torch.mm(a, b)
+            self.synchronize()
+            if rep:  # the first call warms up
+                best = min(best, time.perf_counter() - start)
+        return 2 * n**3 / best
 
     def profiler_activities(self, with_cpu: bool = True) -> list:
         """torch.profiler activities for this device (CPU, plus the device's own when it has one)."""

@@ -122,6 +122,8 @@ class TrainConfig:
     """At the end, also answer the validation questions with blank images and print the held-out line."""
     grad_clip: float = 1.0
     optimization_level: Literal[0, 1, 2] = 2
+    peak_tflops: float | None = None
+    """The device's peak TFLOP/s for MFU (None: measured once per device and dtype, then cached)."""
     deterministic: bool = False
     exit_interval: int | None = None
     """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval)."""

@@ -21,8 +21,9 @@ from openspeed.data.schedule import GlobalBatchSchedule
 
 class _StepDataset(Dataset):
     def __init__(self, task, schedule: GlobalBatchSchedule, first_step: int, last_step: int,
-                 dp_rank: int, dp_size: int, micro_batch_size: int):
+                 dp_rank: int, dp_size: int, micro_batch_size: int, annotate=None):
         self.task = task
+        self.annotate = annotate
         self.schedule = schedule
         self.first_step = first_step
         self.num_steps = max(0, last_step - first_step + 1)
@@ -36,17 +37,23 @@ class _StepDataset(Dataset):
         skips: dict[int, str] = {}
         micro = self.schedule.micro_batches(step, self.dp_rank, self.dp_size, self.micro_batch_size)
         batches = [self.task.load_batch(self.task.train_set, indices, skips) for indices in micro]
+        if self.annotate is not None:
+            for batch in batches:
+                self.annotate(batch)
         return batches, skips
 
 
 def step_batches(task, schedule: GlobalBatchSchedule, first_step: int, last_step: int, dp_rank: int,
-                 dp_size: int, micro_batch_size: int, num_workers: int) -> Iterator:
+                 dp_size: int, micro_batch_size: int, num_workers: int, annotate=None) -> Iterator:
     """Yield ``(micro_batches, skipped)`` for steps ``first_step..last_step`` in order.
+
+    ``annotate(batch)``, if given, adds entries to each micro-batch where it is loaded (e.g. its
+    FLOPs count), off the training thread.
 
     The returned iterator also has ``wait()`` (call it before the trainer uses the task's data
     objects itself, e.g. to validate) and ``close()``.
     """
-    dataset = _StepDataset(task, schedule, first_step, last_step, dp_rank, dp_size, micro_batch_size)
+    dataset = _StepDataset(task, schedule, first_step, last_step, dp_rank, dp_size, micro_batch_size, annotate)
     if num_workers == 0:
         return _ThreadPrefetcher(dataset)
     return _WorkerLoader(DataLoader(

@@ -98,6 +98,26 @@ class VLMTask:
         return count_label_tokens(batch)
 
     @staticmethod
+    def flops(spec, config, batch: dict[str, Any]) -> float:
+        """Analytic training FLOPs of one batch (vision tower + LLM, attention included; ``spec.flops``).
+
+        Attention is counted over each sample's real tokens: the rows of a padded batch, the
+        segments of a packed one.
+        """
+        mask = batch["attention_mask"]
+        cu_seqlens = batch.get("cu_seqlens")
+        if cu_seqlens is not None:
+            bounds = cu_seqlens.tolist()
+            lengths = [int(mask[0, a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            lengths = mask.sum(dim=1).tolist()
+        lengths = [n for n in lengths if n > 0]
+        ids = batch["input_ids"][mask.bool()]
+        placeholders = int(((ids == config.image_token_id) | (ids == config.video_token_id)).sum())
+        return float(spec.flops(config, int(sum(lengths)) - placeholders, batch.get("image_grid_thw"),
+                                batch.get("video_grid_thw"), lengths))
+
+    @staticmethod
     def count_tokens(batch: dict[str, Any]) -> int:
         """Real (non-padding) tokens; a packed row's padding run has mask 0 too."""
         return int(batch["attention_mask"].sum())

@@ -77,9 +77,12 @@ class Progress:
                 mininterval=0.5,
             )
 
-    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(self, loss: float, lr: float, tokens_per_s: float, mfu: float | None = None) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok_s": f"{tokens_per_s:,.0f}"}
+            if mfu is not None:
+                fields["mfu"] = f"{100 * mfu:.1f}%"
+            self.bar.set_postfix(fields, refresh=False)
             self.bar.update(1)
 
     def write(self, text: str) -> None:

@@ -226,14 +226,20 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     profiler = StepProfiler(cfg.profile, rank, run_dir)
     last_eval: dict = {}
     step = start_step
+    def count_flops(batch: dict) -> None:
+        batch["flops"] = task.flops(spec, config, batch)
+
     loader = step_batches(task, schedule, start_step + 1, cfg.train.max_steps, dp_rank, dp_size,
-                          cfg.train.micro_batch_size, cfg.data.num_workers)
+                          cfg.train.micro_batch_size, cfg.data.num_workers, annotate=count_flops)
+    compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else acc.peak_flops(compute_dtype)
     for step, (batches, skips) in zip(range(start_step + 1, cfg.train.max_steps + 1), loader):
         profiler.before_step(step)
         t0 = time.perf_counter()
         task.skipped.update(skips)
-        targets, tokens = _all_reduce(sum(task.count_targets(b) for b in batches),
-                                      sum(task.count_tokens(b) for b in batches), group=dp_group)
+        targets, tokens, flops = _all_reduce(sum(task.count_targets(b) for b in batches),
+                                             sum(task.count_tokens(b) for b in batches),
+                                             sum(b["flops"] for b in batches), group=dp_group)
 
         if pipe is not None:
             with acc.autocast(cfg.train.precision), loss_context(model):
@@ -269,8 +275,12 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             "target_tokens": int(targets),
             "step_time_s": elapsed,
         }
+        # Model FLOPs of the whole step shared over every rank: the achieved rate per device.
+        per_device = flops / world / elapsed if elapsed > 0 else 0.0
+        record["tflops"] = per_device / 1e12
+        record["mfu"] = per_device / peak
         metrics.log(record)
-        progress.update(last_loss, lr, record["tokens_per_s"])
+        progress.update(last_loss, lr, record["tokens_per_s"], record["mfu"])
         trace = profiler.after_step(step)
         if trace:
             progress.write(f"profiler trace written to {trace}")
