@@ -90,3 +90,14 @@ def test_tied_embeddings_and_bf16_under_fsdp(shapes_dir, tmp_path):
         assert losses["pp"][step] == pytest.approx(losses["one"][step], rel=1e-4)
         assert losses["bf16"][step] == pytest.approx(losses["one"][step], rel=5e-2)
     assert losses["one"][5] < losses["one"][1]
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_every_optimization_level_trains_to_the_same_losses(level, reference_run, shapes_dir, tmp_path):
+    # The reference run uses the default level 2 (fused ops + chunked loss); level 0 is the plain
+    # reference ops and the plain AdamW.
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir, train={"optimization_level": level})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))

@@ -516,7 +516,8 @@ class PipelineInferenceModel(nn.Module):
         self.parts = nn.ModuleList(pipe.modules)
 
     def forward(
-        self, labels: torch.Tensor | None = None, num_items_in_batch=None, **inputs
+        self, labels: torch.Tensor | None = None, num_items_in_batch=None, return_logits: bool = True,
+        **inputs,
     ) -> PipelineOutput:
         batch = {k: v for k, v in inputs.items() if v is not None}
         if labels is not None:

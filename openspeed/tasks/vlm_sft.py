@@ -131,5 +131,5 @@ class VLMTask:
     def loss(self, model: nn.Module, batch: dict[str, Any], num_items: int) -> torch.Tensor:
         """Sum of this batch's token losses divided by the global target count ``num_items``."""
         inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-        out = model(**inputs, num_items_in_batch=max(1, num_items))
+        out = model(**inputs, num_items_in_batch=max(1, num_items), return_logits=False)
         return out.loss

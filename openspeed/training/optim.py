@@ -8,13 +8,20 @@ import torch
 from torch import nn
 
 from openspeed.config import MemoryConfig, OptimConfig
+from openspeed.ops.adamw import AdamWEMA
+from openspeed.ops.level import fused
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, memory: MemoryConfig | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, memory: MemoryConfig | None = None, ema_decay: float | None = None
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; norms and biases (1-D tensors) get no weight decay.
 
     With ``memory.offload_optimizer`` the AdamW state lives (and is updated) in host memory
-    (:class:`openspeed.memory.OffloadedAdamW`, MindSpeed's swap optimizer); the updates are the same.
+    (:class:`openspeed.memory.OffloadedAdamW`, MindSpeed's swap optimizer). From optimization level 1
+    on, the step is one fused multi-tensor update (:class:`openspeed.ops.adamw.AdamWEMA`), and
+    ``ema_decay`` keeps an exponential moving average of the weights inside that step. The updates
+    are the same in every case.
     """
     decay, no_decay = [], []
     for _, param in model.named_parameters():
@@ -32,6 +39,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, memory: MemoryConfig | N
         return OffloadedAdamW(
             groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
             master_weights=memory.offload_master_weights,
+        )
+    if fused() or ema_decay is not None:
+        return AdamWEMA(
+            groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, ema_decay=ema_decay, fast=fused()
         )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 

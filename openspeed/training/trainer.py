@@ -36,6 +36,7 @@ from openspeed.distributed.tensor_parallel import (
     plain_tensor,
 )
 from openspeed.errors import ConfigError
+from openspeed.ops.level import set_optimization_level
 from openspeed.tasks.vlm_sft import VLMTask
 from openspeed.training import checkpoint as ckpt
 from openspeed.training.grads import clip_grad_norm
@@ -121,6 +122,7 @@ def run_training(cfg: RunConfig) -> dict:
         if cfg.train.cpu_threads < 1:
             raise ConfigError(f"train.cpu_threads must be >= 1, got {cfg.train.cpu_threads}")
         torch.set_num_threads(cfg.train.cpu_threads)
+    set_optimization_level(cfg.train.optimization_level)
     rank, world = init_distributed()
     try:
         return _train(cfg, acc, rank, world)

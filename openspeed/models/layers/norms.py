@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from openspeed.ops.level import fused
+from openspeed.ops.rms_norm import rms_norm
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned per-channel scale.
@@ -20,11 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``x`` over its last dimension."""
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
+        """Normalise ``x`` over its last dimension (:func:`openspeed.ops.rms_norm.rms_norm_reference`,
+        or its fused path from optimization level 1 on)."""
+        return rms_norm(x, self.weight, self.eps, fast=fused())
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -12,11 +12,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from openspeed.ops import rope as rope_ops
+from openspeed.ops.level import fused
+from openspeed.ops.rope import rope_inv_freq, rotate_half
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Map the two halves ``(a, b)`` of the last dimension to ``(-b, a)``."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+__all__ = [
+    "MRopeEmbedding",
+    "VisionRotaryEmbedding",
+    "apply_rotary",
+    "apply_vision_rotary",
+    "mrope_angles",
+    "rope_inv_freq",
+    "rotate_half",
+]
 
 
 def apply_rotary(
@@ -26,19 +34,10 @@ def apply_rotary(
 
     ``cos``/``sin`` lack the head axis; ``unsqueeze_dim`` says where to insert it so that they broadcast
     against ``q``/``k`` (1 for ``(batch, heads, seq, dim)``, 2 for ``(batch, seq, heads, dim)``).
+    ``x * cos + rotate_half(x) * sin`` (:func:`openspeed.ops.rope.apply_rotary_reference`), or its fused
+    path from optimization level 1 on.
     """
-    cos = cos.unsqueeze(unsqueeze_dim)
-    sin = sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def rope_inv_freq(dim: int, theta: float) -> torch.Tensor:
-    """Inverse frequencies ``theta ** (-2i / dim)`` for ``i < dim / 2``, in fp32 on the CPU.
-
-    Always computed on the CPU so every device starts from bit-identical frequencies.
-    """
-    exponent = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
-    return 1.0 / (theta**exponent)
+    return rope_ops.apply_rotary(q, k, cos, sin, unsqueeze_dim, fast=fused())
 
 
 def _buffer_device(buf: torch.Tensor, device: torch.device | str | None) -> torch.device:
@@ -85,8 +84,7 @@ def apply_vision_rotary(
 
     The rotation runs in fp32 and is cast back, as in the reference vision tower.
     """
-    q_out, k_out = apply_rotary(q.float(), k.float(), cos.float(), sin.float(), unsqueeze_dim=1)
-    return q_out.to(q.dtype), k_out.to(k.dtype)
+    return rope_ops.apply_vision_rotary(q, k, cos, sin, fast=fused())
 
 
 def mrope_angles(

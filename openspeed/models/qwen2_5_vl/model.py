@@ -23,6 +23,8 @@ from openspeed.models.layers.rope import (
 from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 from openspeed.models.qwen2_5_vl.rope_index import get_rope_index, mm_token_type_ids_from_input_ids
 from openspeed.ops.attention import attention
+from openspeed.ops.cross_entropy import can_fuse, fused_linear_cross_entropy
+from openspeed.ops.level import chunked_loss
 
 IGNORE_INDEX = -100
 VISION_NORM_EPS = 1e-6  # fixed in the released checkpoints, not part of the config
@@ -393,9 +395,13 @@ def _attention_mask_needed(
 
 @dataclass
 class CausalLMOutput:
-    """Model output: ``logits`` (batch, seq, vocab) and ``loss`` (scalar fp32, or ``None`` without labels)."""
+    """Model output: ``logits`` (batch, seq, vocab) and ``loss`` (scalar fp32, or ``None`` without labels).
 
-    logits: torch.Tensor
+    ``logits`` is ``None`` when the caller asked for the loss only (``return_logits=False``) and it was
+    computed from the hidden states in chunks (optimization level 2): the full logits never exist.
+    """
+
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 
 
@@ -540,6 +546,7 @@ class Qwen2_5_VLModel(nn.Module):
         num_items_in_batch: int | torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
         """Run the model on a (batch, seq) batch.
 
@@ -558,6 +565,9 @@ class Qwen2_5_VLModel(nn.Module):
         token that should follow it, see :func:`next_token_targets`), aligned with the logits this
         forward returns. Context parallelism uses it: the shift crosses the boundaries between the
         ranks' token shards, so it is done on the whole sequence before the split.
+
+        ``return_logits=False`` (with labels) says only the loss is wanted: from optimization level 2
+        on it is then computed from the final hidden states in chunks and ``logits`` is ``None``.
         """
         if cu_seqlens is not None:
             # Read on the host once per forward (one sync at most), not once per layer.
@@ -575,6 +585,13 @@ class Qwen2_5_VLModel(nn.Module):
             cu_seqlens,
         )
         hidden = self.language_model(embeds, position_ids, text_mask, cu_seqlens)
+        wants_loss = labels is not None or shift_labels is not None
+        if wants_loss and not return_logits and chunked_loss() and can_fuse(self.lm_head.weight):
+            targets = shift_labels if shift_labels is not None else next_token_targets(labels, cu_seqlens)
+            loss = fused_linear_cross_entropy(
+                hidden, self.lm_head.weight, targets, divisor=num_items_in_batch
+            )
+            return CausalLMOutput(logits=None, loss=loss)
         logits = self.lm_head(hidden)
         loss = None
         if shift_labels is not None:

@@ -171,7 +171,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
         apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel))
     if dims.cp_size > 1:
         apply_context_parallel(model, dims.context_parallel())
-    apply_memory_config(model, cfg.memory, memory_plan(model))
+    if getattr(cfg, "memory", None) is not None:
+        apply_memory_config(model, cfg.memory, memory_plan(model))
     if dims.fsdp_enabled:
         # One FSDP unit per transformer block (vision and language), the root keeps the rest:
         # patch embed, merger, embeddings, final norm and head.
