@@ -106,3 +106,20 @@ def test_bad_layouts_are_one_line_errors(args, message, shapes_dir, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+
+
+def test_adaptive_recompute_fits_the_budget_and_keeps_the_losses(reference_run, shapes_dir, tmp_path):
+    # Per rank the tiny model (with its parameters and optimizer state) keeps ~8.5 MB without recompute and
+    # ~6.4 MB with every layer recomputed: 0.0075 GiB needs some layers recomputed, on both ranks alike.
+    ref_dir, _ = reference_run
+    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    result = run_train(config, "--nproc", "2", "parallel.dp_shard=2", "memory.budget_gb=0.0075")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_losses_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+    choice = [r for r in read_metrics(str(tmp_path / "run")) if "adaptive_recompute" in r]
+    assert len(choice) == 1 and choice[0]["step"] == 1
+    assert 0 < len(choice[0]["adaptive_recompute"]) and choice[0]["adaptive_estimated_gb"] <= 0.0075
+    impossible = run_train(config, "memory.budget_gb=0.001")
+    assert impossible.returncode == 2
+    errors = [line for line in impossible.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "memory.budget_gb=0.001 cannot be met" in errors[0], impossible.stderr[-2000:]

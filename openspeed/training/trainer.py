@@ -36,6 +36,8 @@ from openspeed.distributed.tensor_parallel import (
     plain_tensor,
 )
 from openspeed.errors import ConfigError
+from openspeed.memory import adaptive_recompute, max_over_ranks, measure_layers, optimizer_state_bytes
+from openspeed.memory.adaptive import GB
 from openspeed.ops.level import set_optimization_level
 from openspeed.tasks.vlm_sft import VLMTask
 from openspeed.training import checkpoint as ckpt
@@ -96,6 +98,25 @@ def check_supported(cfg: RunConfig, sizes: dict[str, int]) -> None:
             "data.packing=true is not available with parallel.pp > 1 (pipeline micro-batches are padded "
             "to data.max_seq_len); set data.packing=false"
         )
+
+
+class _AdaptiveRecompute:
+    """``memory.budget_gb``: measure the first micro-batch's saved bytes per layer, then recompute the
+    fewest layers (the same on every rank) that bring one micro-batch plus the model and optimizer
+    state under the budget."""
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+        self.report = None
+        self.choice = None
+
+    def decide(self, model, optim, budget_gb: float):
+        report = max_over_ranks(self.report)
+        static = sum(p.numel() * p.element_size() for p in model.parameters())
+        static += sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        static += sum(optimizer_state_bytes(o).device for o in optim.optimizers)
+        self.choice = adaptive_recompute(model, self.plan, report, budget_gb, static_bytes=int(static))
+        return self.choice
 
 
 def _any_rank(flag: bool) -> bool:
@@ -228,6 +249,12 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     profiler = StepProfiler(cfg.profile, rank, run_dir)
     last_eval: dict = {}
     step = start_step
+    adaptive = None
+    if cfg.memory.budget_gb is not None:
+        if pipe is not None:
+            raise ConfigError("memory.budget_gb (adaptive recompute) is not available with parallel.pp > 1 yet")
+        adaptive = _AdaptiveRecompute(spec.memory_plan(model))
+
     def count_flops(batch: dict) -> None:
         batch["flops"] = task.flops(spec, config, batch)
 
@@ -253,7 +280,12 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
                 set_gradient_sync(model, i == len(batches) - 1)
                 batch = task.to_device(batch, acc.device)
                 with acc.autocast(cfg.train.precision), loss_context(model):
-                    loss = task.loss(model, batch, int(targets))
+                    if adaptive is not None and adaptive.report is None:
+                        adaptive.report, loss = measure_layers(
+                            model, adaptive.plan, lambda b=batch, n=int(targets): task.loss(model, b, n)
+                        )
+                    else:
+                        loss = task.loss(model, batch, int(targets))
                     loss.backward()
                 loss_sum += plain_tensor(loss).detach().double().cpu()
         dist.all_reduce(loss_sum, group=loss_group)
@@ -265,6 +297,15 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             progress.write(f"step {step}: non-finite gradient norm, update skipped")
         optim.schedule_step()
         optim.zero_grad()
+        if adaptive is not None and adaptive.choice is None:
+            choice = adaptive.decide(model, optim, cfg.memory.budget_gb)
+            metrics.log({"step": step, "adaptive_recompute": choice.recompute,
+                         "adaptive_offload": choice.offload,
+                         "adaptive_estimated_gb": choice.estimated_bytes / GB})
+            progress.write(
+                f"memory.budget_gb={cfg.memory.budget_gb}: recomputing {len(choice.recompute)} layers, "
+                f"estimated {choice.estimated_bytes / GB:.4f} GB (measured {choice.measured_bytes / GB:.4f} GB)"
+            )
         acc.synchronize()
         elapsed = time.perf_counter() - t0
         last_loss = loss_sum.item()
