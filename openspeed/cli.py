@@ -23,6 +23,12 @@ commands:
   convert RUN_DIR --to hf --out DIR [--max-shard-size 2GB]
                                               export a run's latest checkpoint in Hugging Face format
   data shapes --out DIR [--num N]             write the synthetic shapes VQA set and a tiny model dir
+  generate --checkpoint RUN_DIR --prompt "..." [--image first.png] --out out.mp4
+                                              sample videos from a trained Wan run (MP4 + PNG frames)
+  convert RUN_DIR --merge-lora --out DIR      a Wan run's DiT with its LoRA merged, in diffusers format
+  data tiny-wan-pipeline --out DIR [--i2v]    write a tiny random diffusers-format Wan2.1 pipeline
+  data moving-shapes --out DIR [--num N]      write the moving-shapes text-to-video demo clips
+  data extract-features CONFIG --out DIR      encode a Wan run's videos and captions once (VAE, UMT5)
 """
 
 EXIT_USER_ERROR = 2
@@ -44,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_chat(rest)
         if command == "convert":
             return cmd_convert(rest)
-        raise OpenSpeedError(f"unknown command '{command}' (commands: train, chat, convert, data)")
+        if command == "generate":
+            return cmd_generate(rest)
+        raise OpenSpeedError(f"unknown command '{command}' (commands: train, chat, generate, convert, data)")
     except OpenSpeedError as exc:
         report_user_error(str(exc))
         return EXIT_USER_ERROR
@@ -127,6 +135,11 @@ def cmd_train(args: list[str]) -> int:
     if world_size > 1 and not under_launcher():
         return launch(world_size, [config_path, *overrides])
 
+    from openspeed.training.dit_trainer import is_dit_run, run_dit_training
+
+    if is_dit_run(cfg):  # diffusion transformers (Wan) have their own loop
+        run_dit_training(cfg)
+        return 0
     from openspeed.training.trainer import run_training
 
     run_training(cfg)
@@ -135,6 +148,11 @@ def cmd_train(args: list[str]) -> int:
 
 def prepare_data(cfg) -> None:
     """Make the synthetic data a config asks for, once, before any worker starts."""
+    if cfg.data.generate == "moving_shapes":
+        from openspeed.data.moving_shapes import prepare_demo
+
+        prepare_demo(cfg)
+        return
     if cfg.data.generate != "shapes" or os.path.exists(cfg.data.train_path):
         return
     out_dir = cfg.data.generate_dir or os.path.dirname(os.path.abspath(cfg.data.train_path))
@@ -163,7 +181,7 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"data.val_path: file not found: {cfg.data.val_path}")
     if not cfg.model.path:
         raise ConfigError("model.path: not set")
-    if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+    if not any(os.path.isfile(os.path.join(cfg.model.path, name)) for name in ("config.json", "model_index.json")):
         raise ConfigError(f"model.path: no config.json in {cfg.model.path}")
     resume = cfg.train.resume
     if resume not in ("auto", "none") and not os.path.isdir(resume):
@@ -250,13 +268,27 @@ def _parse_size(text: str) -> int:
 def cmd_convert(args: list[str]) -> int:
     parser = _ArgParser(prog="openspeed convert")
     parser.add_argument("run_dir", help="run directory or one of its checkpoints")
-    parser.add_argument("--to", choices=["hf"], required=True)
+    parser.add_argument("--to", choices=["hf"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--merge-lora", action="store_true", help="Wan: fold LoRA adapters into the weights")
+    parser.add_argument("--ema", action="store_true", help="Wan: export the EMA weights")
     ns = parser.parse_args(args)
     shard = _parse_size(ns.max_shard_size)
     if not os.path.isdir(ns.run_dir):
         raise OpenSpeedError(f"run directory not found: {ns.run_dir}")
+    if _is_wan_run_dir(ns.run_dir):
+        from openspeed.inference.wan_export import export_wan
+
+        done = export_wan(ns.run_dir, ns.out, merge_lora=ns.merge_lora, ema=True if ns.ema else None,
+                          max_shard_size_bytes=shard)
+        what = "LoRA adapter (peft format)" if done["kind"] == "adapter" else "diffusers transformer"
+        print(f"wrote a {what} of step {done['step']} to {done['out']}")
+        return 0
+    if ns.merge_lora or ns.ema:
+        raise OpenSpeedError("--merge-lora / --ema apply to Wan runs only")
+    if ns.to is None:
+        raise OpenSpeedError("openspeed convert: the following arguments are required: --to")
     from openspeed.training.export import export_hf
 
     out = export_hf(ns.run_dir, ns.out, max_shard_size_bytes=shard)
@@ -275,7 +307,49 @@ def cmd_data(args: list[str]) -> int:
     shapes.add_argument("--num", type=int, default=2000)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--image-size", type=int, default=112)
+    pipe = sub.add_parser("tiny-wan-pipeline", help="tiny random diffusers-format Wan2.1 pipeline")
+    pipe.add_argument("--out", required=True)
+    pipe.add_argument("--i2v", action="store_true", help="image-to-video (adds the CLIP image encoder)")
+    pipe.add_argument("--pixel-space", action="store_true", help="a DiT for model.vae=identity")
+    pipe.add_argument("--seed", type=int, default=0)
+    moving = sub.add_parser("moving-shapes", help="moving-shapes text-to-video demo clips")
+    moving.add_argument("--out", required=True)
+    moving.add_argument("--num", type=int, default=2000)
+    moving.add_argument("--frames", type=int, default=4)
+    moving.add_argument("--size", type=int, default=16, help="height and width in pixels")
+    moving.add_argument("--jitter", type=float, default=3.0)
+    moving.add_argument("--seed", type=int, default=0)
+    extract = sub.add_parser("extract-features", help="encode a Wan run's data once (VAE latents, UMT5)")
+    extract.add_argument("config")
+    extract.add_argument("--out", required=True)
+    extract.add_argument("--shard-samples", type=int, default=256)
+    extract.add_argument("overrides", nargs="*", help="section.key=value")
     ns = parser.parse_args(args)
+    if ns.what == "tiny-wan-pipeline":
+        from openspeed.data.moving_shapes import vocabulary
+        from openspeed.data.wan_pipeline import write_tiny_wan_pipeline
+
+        write_tiny_wan_pipeline(ns.out, image_to_video=ns.i2v, pixel_space=ns.pixel_space, seed=ns.seed,
+                                words=vocabulary())
+        print(f"wrote a tiny {'image' if ns.i2v else 'text'}-to-video Wan2.1 pipeline to {ns.out}")
+    elif ns.what == "moving-shapes":
+        if ns.num < 1 or ns.frames < 2 or ns.size < 4:
+            raise OpenSpeedError("moving-shapes: need --num >= 1, --frames >= 2 and --size >= 4")
+        from openspeed.data.moving_shapes import make_moving_shapes
+
+        path = make_moving_shapes(ns.out, ns.num, frames=ns.frames, height=ns.size, width=ns.size,
+                                  seed=ns.seed, jitter=ns.jitter)
+        print(f"wrote {ns.num} clips and {path}")
+    elif ns.what == "extract-features":
+        from openspeed.config import load_config
+        from openspeed.data.features import extract_features
+
+        cfg = load_config(ns.config, ns.overrides)
+        prepare_data(cfg)
+        check_paths(cfg)
+        done = extract_features(cfg, ns.out, shard_samples=max(1, ns.shard_samples))
+        print(f"wrote features of {done['samples']} samples ({done['skipped']} skipped) to {done['out']}; "
+              f"train with data.train_path={os.path.join(done['out'], 'index.jsonl')}")
     if ns.what == "shapes":
         if ns.num < 2:
             raise OpenSpeedError(f"--num: need at least 2 samples, got {ns.num}")
@@ -283,6 +357,87 @@ def cmd_data(args: list[str]) -> int:
 
         make_shapes_dataset(ns.out, num=ns.num, seed=ns.seed, image_size=ns.image_size)
         print(f"wrote {ns.num} samples and a tiny model directory to {ns.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _is_wan_run_dir(path: str) -> bool:
+    """Whether a run (or checkpoint) directory belongs to a Wan run."""
+    from openspeed.config import load_config
+    from openspeed.training.dit_trainer import is_dit_run
+
+    for run_dir in (path, os.path.dirname(os.path.dirname(os.path.abspath(path)))):
+        config = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(config):
+            try:
+                return is_dit_run(load_config(config))
+            except OpenSpeedError:
+                return False
+    return False
+
+
+def cmd_generate(args: list[str]) -> int:
+    parser = _ArgParser(prog="openspeed generate")
+    parser.add_argument("--checkpoint", required=True, help="run directory or one of its checkpoints")
+    parser.add_argument("--prompt", action="append", default=[], help="caption (repeat for several)")
+    parser.add_argument("--prompts", help="text file, one caption per line")
+    parser.add_argument("--eval-prompts", type=int, default=0,
+                        help="N balanced moving-shapes prompts (seeded by --prompt-seed); implies --score")
+    parser.add_argument("--prompt-seed", type=int, default=1)
+    parser.add_argument("--image", action="append", default=[], help="first frame (image-to-video)")
+    parser.add_argument("--out", required=True, help="out.mp4 for one prompt, a directory for several")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--shift", type=float, default=None, help="default: the run's train.flow_shift")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--score", action="store_true", help="score colour and motion (moving-shapes checker)")
+    parser.add_argument("--no-ema", action="store_true", help="use the trained weights even if EMA exists")
+    ns = parser.parse_args(args)
+    prompts = list(ns.prompt)
+    if ns.prompts:
+        if not os.path.isfile(ns.prompts):
+            raise OpenSpeedError(f"file not found: {ns.prompts}")
+        with open(ns.prompts, encoding="utf-8") as fh:
+            prompts += [line.strip() for line in fh if line.strip()]
+    if ns.eval_prompts:
+        from openspeed.data.moving_shapes import eval_prompts
+
+        prompts += eval_prompts(ns.eval_prompts, ns.prompt_seed)
+    if not prompts:
+        raise OpenSpeedError("openspeed generate: give --prompt, --prompts FILE or --eval-prompts N")
+    for path in ns.image:
+        if not os.path.isfile(path):
+            raise OpenSpeedError(f"file not found: {path}")
+    if not os.path.isdir(ns.checkpoint):
+        raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
+    if ns.batch_size < 1:
+        raise OpenSpeedError(f"--batch-size: must be at least 1, got {ns.batch_size}")
+    from openspeed.inference.wan_generate import run_generate
+
+    summary = run_generate(
+        ns.checkpoint, prompts, ns.out, image_paths=ns.image, score=ns.score or bool(ns.eval_prompts),
+        ema=False if ns.no_ema else None, frames=ns.frames, height=ns.height, width=ns.width, steps=ns.steps,
+        guidance=ns.guidance, shift=ns.shift, seed=ns.seed, negative_prompt=ns.negative_prompt,
+        batch_size=ns.batch_size,
+    )
+    for clip in summary["clips"]:
+        line = f"{clip['video']}  {clip['prompt']!r}"
+        if "colour" in clip:
+            line += f"  -> colour {clip['colour']} ({'ok' if clip['colour_ok'] else 'wrong'}), " \
+                    f"direction {clip['direction']} ({'ok' if clip['direction_ok'] else 'wrong'})"
+        print(line)
+    if "scores" in summary:
+        s = summary["scores"]
+        print(f"colour {s['colour_correct']}/{s['n']} (chance {s['colour_chance']:.2f}), direction "
+              f"{s['direction_correct']}/{s['n']} (chance {s['direction_chance']:.2f}); step {summary['step']}"
+              f"{', EMA weights' if summary['ema'] else ''}")
     return 0
 
 

@@ -78,7 +78,7 @@ class DataConfig:
     """Wan: caption tokens (UMT5 states, zero-padded); image-to-video needs 512."""
     caption_dropout: float = 0.1
     """Wan: probability of training a sample on the empty caption (for classifier-free guidance)."""
-    generate_jitter: float = 1.0
+    generate_jitter: float = 3.0
     """moving_shapes: largest random offset (pixels) of a path across and along its direction."""
     generate_dit: dict = field(default_factory=dict)
     """moving_shapes: WanTransformer3DModel arguments of the demo's tiny DiT (over the defaults)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -11,15 +12,25 @@ from torch import nn
 from openspeed.config import RunConfig
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.errors import CheckpointError, ConfigError
-from openspeed.models.loading import has_hf_weights, load_hf_state_dict, read_hf_config
+from openspeed.models.loading import has_hf_weights, hf_model_type, load_hf_state_dict, read_hf_config
 from openspeed.models.registry import ModelSpec, get_model_spec
 from openspeed.training.init import copy_full_into, init_weights
 
 
+def model_dir(path: str) -> str:
+    """The folder holding the model's ``config.json``: ``path``, or a diffusers pipeline's ``transformer/``."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+        os.path.join(path, "model_index.json")
+    ):
+        return os.path.join(path, "transformer")
+    return path
+
+
 def model_config_from_run(cfg: RunConfig) -> tuple[ModelSpec, object]:
     """The model spec and native config for ``cfg.model.path``, with run-level overrides applied."""
-    hf_config = read_hf_config(cfg.model.path)
-    spec = get_model_spec(hf_config.get("model_type", ""))
+    path = model_dir(cfg.model.path)
+    hf_config = read_hf_config(path)
+    spec = get_model_spec(hf_model_type(hf_config, path))
     config = spec.config_from_hf(hf_config)
     if cfg.model.rope_theta is not None:
         spec.set_rope_theta(config, cfg.model.rope_theta)
@@ -59,8 +70,8 @@ def build_training_model(
         part.to_empty(device=device)
         spec.reset_buffers(part)
     std = cfg.model.init_std if cfg.model.init_std is not None else spec.init_std(config)
-    if has_hf_weights(cfg.model.path):
-        load_weights_into(parts, spec, config, cfg.model.path)
+    if has_hf_weights(model_dir(cfg.model.path)):
+        load_weights_into(parts, spec, config, model_dir(cfg.model.path))
     else:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{cfg.model.path} has no weights: initialising from seed {cfg.train.seed} (std {std})",
@@ -72,15 +83,18 @@ def build_training_model(
     return parts, spec, config
 
 
-def load_weights_into(parts: nn.Module | list[nn.Module], spec: ModelSpec, config, path: str) -> None:
+def load_weights_into(parts: nn.Module | list[nn.Module], spec: ModelSpec, config, path: str,
+                      added: Callable[[str], bool] | None = None) -> None:
     """Copy HF-format weights into a (possibly sharded) native model, one tensor at a time.
 
     ``parts``: the model, or this rank's pipeline stages; every weight must find a home in the full
-    model, and every parameter of the given parts must find its weight.
+    model, and every parameter of the given parts must find its weight, except those ``added``
+    names (e.g. LoRA adapters added to the model, initialised separately).
     """
     parts = [parts] if isinstance(parts, nn.Module) else list(parts)
     native = spec.hf_to_native(load_hf_state_dict(path), config)
-    params = {name: p for part in parts for name, p in part.named_parameters()}
+    params = {name: p for part in parts for name, p in part.named_parameters()
+              if added is None or not added(name)}
     missing = [name for name in params if name not in native]
     if missing:
         raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}" +

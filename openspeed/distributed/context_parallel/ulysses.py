@@ -104,7 +104,11 @@ def _gather_heads(
         for i in range(size)
     ]
     received = comm.all_to_all(chunks, numels_from, group)
-    outputs = [t.new_zeros(t.shape[0], heads, local, t.shape[3]) for t, heads in zip(tensors, num_heads)]
+    # Allocated as (B, s, H, D) and returned as its (B, H, s, D) view: a model that goes back to
+    # (B, s, H*D) for the output projection then reshapes a view instead of copying (and saving) it.
+    outputs = [
+        t.new_zeros(t.shape[0], local, heads, t.shape[3]).transpose(1, 2) for t, heads in zip(tensors, num_heads)
+    ]
     for i, chunk in enumerate(received):
         offset = 0
         for t, r, out in zip(tensors, ranges, outputs):

@@ -113,3 +113,8 @@ def hf_to_native(state_dict: dict[str, Any], config: WanConfig) -> dict[str, Any
 def native_to_hf(state_dict: dict[str, Any], config: WanConfig) -> dict[str, Any]:
     """Rename a native state dict to diffusers ``WanTransformer3DModel`` names."""
     return {_rename_key(key, *_TO_DIFFUSERS): value for key, value in state_dict.items()}
+
+
+def native_module_to_diffusers(name: str) -> str:
+    """diffusers' name of a native module (``blocks.0.self_attn.q_proj`` -> ``blocks.0.attn1.to_q``)."""
+    return _rename_key(f"{name}.weight", *_TO_DIFFUSERS).removesuffix(".weight")
