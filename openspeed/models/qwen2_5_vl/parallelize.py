@@ -14,7 +14,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from openspeed.distributed.context_parallel import ContextParallel
-from openspeed.distributed.context_parallel.modules import route_attention, shard_inputs
+from openspeed.distributed.context_parallel.modules import route_attention, shard_inputs, split_packed_stack
 from openspeed.distributed.fsdp import apply_fsdp
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.distributed.tensor_parallel import (
@@ -142,10 +142,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
 
 def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
-    """Split the language model's sequence over the cp group, in place (hooks; no model change).
+    """Split the language model's sequence and the vision tower's patches over the cp group, in place
+    (hooks; no model change).
 
-    The vision tower, the embedding and the M-RoPE positions are computed on the whole sequence on
-    every cp rank (they need all image tokens); the decoder stack then gets this rank's tokens of
+    The vision tower's blocks run on this rank's share of all images' patches (Ulysses over the
+    packed patches, whatever the text algorithm; a patch count the group cannot split runs whole)
+    and the merger gets every patch back. The embedding and the M-RoPE positions are computed on the
+    whole sequence on every cp rank (they need all image tokens); the decoder stack then gets this rank's tokens of
     the embeddings, positions and padding mask, its attention runs the cp algorithm, and the head
     and loss see only local tokens. The labels are turned into next-token targets on the whole
     sequence first (the shift crosses shard boundaries) and split the same way, so each rank's loss
@@ -162,6 +165,19 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
         return bound
 
     shard_inputs(model, cp, {"shift_labels": 1}, transform=to_targets)
+
+    # The vision tower's patches (all images of the batch, packed) split with Ulysses: its blocks
+    # are per-token except attention, whose windows / frames come from the global cu_seqlens.
+    visual = model.visual
+    vision_cp = cp if cp.algo == "ulysses" else ContextParallel.from_group(cp.group, "ulysses")
+    split_packed_stack(
+        visual,
+        list(visual.blocks),
+        [block.attn for block in visual.blocks],
+        visual.merger,
+        vision_cp,
+        total_len=lambda args, kwargs: (args[0] if args else kwargs["pixel_values"]).shape[0],
+    )
     return model
 
 
