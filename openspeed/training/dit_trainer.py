@@ -180,10 +180,10 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         _all_reduce,
         _gather_skipped,
         _plot,
-        _restore_rng,
         _rng_state,
         _seed_all,
         _StopFlag,
+        resume_run,
     )
 
     sizes = resolve_layout(cfg, world)
@@ -218,27 +218,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
               file=sys.stderr)
 
     # ---------------------------------------------------------------- resume
-    start_step = 0
-    resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif cfg.train.resume != "none":
-        resume_from = cfg.train.resume
-    if resume_from:
-        state, rng = ckpt.load_checkpoint(resume_from, parts, optimizers)
-        start_step = int(state["step"])
-        optim.load_scheduler_state(state["scheduler"])
-        task.skipped.update({int(i): r for i, r in state.get("skipped", {}).items()})
-        if rng is not None:
-            _restore_rng(acc, rng)
-        else:
-            _seed_all(acc, cfg.train.seed * 7919 + start_step * 31 + rank)
-        if is_main:
-            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    start_step, resume_from = resume_run(cfg, acc, rank, parts, optim, task, per_part=optimizers)
     if start_step >= cfg.train.max_steps and resume_from:
-        if is_main:
-            print(f"nothing to do: checkpoint step {start_step} >= train.max_steps {cfg.train.max_steps}",
-                  file=sys.stderr)
         return {"steps": 0, "resumed_from": resume_from}
 
     metrics = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step, tensorboard=cfg.logging.tensorboard)

@@ -119,6 +119,40 @@ class _AdaptiveRecompute:
         return self.choice
 
 
+def resume_run(
+    cfg: RunConfig, acc, rank: int, parts, optim: Optimizers, task, per_part: list | None = None
+) -> tuple[int, str | None]:
+    """Load the checkpoint ``train.resume`` names (``auto``: the latest complete one in the run dir).
+
+    Restores model parts, their optimizers (``per_part``, default ``optim.per_part``; ``None`` for a
+    part without one), the LR schedule, the skipped-sample record and the RNG state;
+    returns ``(start_step, checkpoint path or None)``. Rank 0 says what it resumed from, or that the
+    checkpoint is already at ``train.max_steps``.
+    """
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = ckpt.latest_checkpoint(cfg.train.run_dir)
+    elif cfg.train.resume != "none":
+        resume_from = cfg.train.resume
+    if not resume_from:
+        return 0, None
+    state, rng = ckpt.load_checkpoint(resume_from, parts, optim.per_part if per_part is None else per_part)
+    start_step = int(state["step"])
+    optim.load_scheduler_state(state["scheduler"])
+    task.skipped.update({int(i): r for i, r in state.get("skipped", {}).items()})
+    if rng is not None:
+        _restore_rng(acc, rng)
+    else:
+        _seed_all(acc, cfg.train.seed * 7919 + start_step * 31 + rank)
+    if rank == 0:
+        if start_step >= cfg.train.max_steps:
+            print(f"nothing to do: checkpoint step {start_step} >= train.max_steps {cfg.train.max_steps}",
+                  file=sys.stderr)
+        else:
+            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    return start_step, resume_from
+
+
 def _any_rank(flag: bool) -> bool:
     """True when ``flag`` holds on some rank (pipeline stages hold different parameters)."""
     return _all_reduce(1.0 if flag else 0.0, group=None)[0] > 0
@@ -199,27 +233,8 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     norm_skip = norm_exclusions(pipe) if pipe is not None else []
 
     # ---------------------------------------------------------------- resume
-    start_step = 0
-    resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif cfg.train.resume != "none":
-        resume_from = cfg.train.resume
-    if resume_from:
-        state, rng = ckpt.load_checkpoint(resume_from, parts, optim.per_part)
-        start_step = int(state["step"])
-        optim.load_scheduler_state(state["scheduler"])
-        task.skipped.update({int(i): r for i, r in state.get("skipped", {}).items()})
-        if rng is not None:
-            _restore_rng(acc, rng)
-        else:
-            _seed_all(acc, cfg.train.seed * 7919 + start_step * 31 + rank)
-        if is_main:
-            print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+    start_step, resume_from = resume_run(cfg, acc, rank, parts, optim, task)
     if start_step >= cfg.train.max_steps and resume_from:
-        if is_main:
-            print(f"nothing to do: checkpoint step {start_step} >= train.max_steps {cfg.train.max_steps}",
-                  file=sys.stderr)
         return {"steps": 0, "resumed_from": resume_from}
 
     metrics = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step, tensorboard=cfg.logging.tensorboard)
