@@ -152,3 +152,25 @@ TEXT_BATCH = [
     [("text", 4), ("answer", 8)],
     [("text", 3), ("answer", 5)],
 ]
+
+
+def native_config(tie_word_embeddings: bool = False):
+    """The tiny model of :func:`hf_config` as a native config (no transformers import), pad id set."""
+    from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, TextConfig, VisionConfig
+
+    text = TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        mrope_section=(2, 3, 3), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+        pad_token_id=PAD_ID,
+    )
+    vision = VisionConfig(
+        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=IN_CHANNELS,
+        patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, window_size=16,
+        out_hidden_size=64, fullatt_block_indexes=(1, 3), tokens_per_second=2,
+    )
+    return Qwen2_5_VLConfig(
+        vision=vision, text=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
+        tie_word_embeddings=tie_word_embeddings,
+    )

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _spawn import run_workers
 
 from openspeed.distributed.context_parallel.ulysses import head_plan, split_heads
 from openspeed.errors import ConfigError
@@ -278,31 +277,8 @@ def _worker(rank: int, out_dir: str) -> None:
             json.dump({"errors": results, "messages": messages}, fh)
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _worker(rank, out_dir)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(world: int, out_dir: str) -> dict:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(world, port, out_dir), nprocs=world, join=True)
+    run_workers(_worker, world, out_dir)
     with open(os.path.join(out_dir, f"results_{world}.json"), encoding="utf-8") as fh:
         results = json.load(fh)
     for key, errors in sorted(results["errors"].items()):

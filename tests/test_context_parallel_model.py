@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 from _qwen_tiny import IMAGE_BATCH, PAD_ID, make_batch
-from test_tensor_parallel import _build_parallel, _config, _entry, _reference, _rel
+from _spawn import run_workers
+from test_tensor_parallel import _build_parallel, _config, _reference, _rel
 
 REL_TOL = 1e-5
 ALGORITHMS = ("ulysses", "ring")
@@ -73,12 +73,7 @@ def _worker(rank: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2])
 def test_context_parallel_model_matches_one_process(world, tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(world, port, _worker, str(tmp_path)), nprocs=world, join=True)
+    run_workers(_worker, world, str(tmp_path))
     with open(tmp_path / "diffs_cp.json", encoding="utf-8") as fh:
         diffs = json.load(fh)
     for key, value in sorted(diffs.items()):

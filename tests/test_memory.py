@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 from _qwen_tiny import (
     IMAGE_BATCH,
-    IMAGE_ID,
-    IN_CHANNELS,
-    MERGE,
-    PAD_ID,
-    PATCH,
-    TEMPORAL_PATCH,
-    VIDEO_ID,
-    VISION_END_ID,
-    VISION_START_ID,
-    VOCAB,
     make_batch,
+    native_config,
 )
+from _spawn import run_workers
 
 from openspeed.errors import ConfigError
 from openspeed.memory import (
@@ -42,29 +32,14 @@ from openspeed.memory import (
     optimizer_state_bytes,
     plan_adaptive,
 )
-from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel, TextConfig, VisionConfig
+from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel
 from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
 
 TOL = 1e-6  # fp32: loss and gradients of a saver vs the plain model (absolute)
 
 
 def _config() -> Qwen2_5_VLConfig:
-    """The tiny model of ``_qwen_tiny.hf_config`` as a native config (no transformers import)."""
-    text = TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-        mrope_section=(2, 3, 3), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-        pad_token_id=PAD_ID,
-    )
-    vision = VisionConfig(
-        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=IN_CHANNELS,
-        patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, window_size=16,
-        out_hidden_size=64, fullatt_block_indexes=(1, 3), tokens_per_second=2,
-    )
-    return Qwen2_5_VLConfig(
-        vision=vision, text=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
-    )
+    return native_config()
 
 
 def _weights() -> dict[str, torch.Tensor]:
@@ -499,31 +474,8 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
             json.dump(diffs, fh)
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _fsdp_worker(rank, out_dir)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def test_savers_compose_with_fsdp2_and_tensor_parallel(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_workers(_fsdp_worker, 2, str(tmp_path))
     with open(tmp_path / "diffs.json", encoding="utf-8") as fh:
         diffs = json.load(fh)
     print(diffs)

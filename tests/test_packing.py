@@ -13,23 +13,17 @@ import torch
 import torch.nn.functional as F
 from _qwen_tiny import (
     IMAGE_ID,
-    IN_CHANNELS,
-    MERGE,
     PAD_ID,
-    PATCH,
-    TEMPORAL_PATCH,
     VIDEO_ID,
-    VISION_END_ID,
-    VISION_START_ID,
-    VOCAB,
     make_batch,
+    native_config,
 )
 from _train_utils import assert_losses_close, make_tiny_run_config, read_metrics, run_train, train_losses
 
 import openspeed.ops.attention as attn_module
 from openspeed.data.collator import IGNORE_INDEX, VLCollator, count_label_tokens
 from openspeed.errors import BadSampleError
-from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel, TextConfig, VisionConfig
+from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel
 from openspeed.ops.attention import attention
 
 # --------------------------------------------------------------------------------------------------
@@ -297,22 +291,7 @@ MODEL_REL_TOL = 1e-5
 
 
 def _tiny_config() -> Qwen2_5_VLConfig:
-    """The tiny model of ``_qwen_tiny.hf_config`` (as tests/test_tensor_parallel.py builds it)."""
-    text = TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-        mrope_section=(2, 3, 3), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-        pad_token_id=PAD_ID,
-    )
-    vision = VisionConfig(
-        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=IN_CHANNELS,
-        patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, window_size=16,
-        out_hidden_size=64, fullatt_block_indexes=(1, 3), tokens_per_second=2,
-    )
-    return Qwen2_5_VLConfig(
-        vision=vision, text=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
-    )
+    return native_config()
 
 
 def _tiny_model() -> Qwen2_5_VLModel:

@@ -8,30 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import traceback
 from types import SimpleNamespace
 
 import pytest
 import torch
 from _qwen_tiny import (
     IMAGE_BATCH,
-    IMAGE_ID,
-    IN_CHANNELS,
-    MERGE,
-    PAD_ID,
-    PATCH,
-    TEMPORAL_PATCH,
     VIDEO_BATCH,
-    VIDEO_ID,
-    VISION_END_ID,
-    VISION_START_ID,
-    VOCAB,
     make_batch,
+    native_config,
 )
+from _spawn import run_workers
 
 from openspeed.errors import ConfigError
-from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel, TextConfig, VisionConfig
+from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel
 from openspeed.models.qwen2_5_vl.parallelize import check_tensor_parallel_sizes
 
 # Gradients/losses must agree to this, relative to the largest |value| of the reference tensor.
@@ -39,23 +29,7 @@ REL_TOL = 1e-5
 
 
 def _config(tie_word_embeddings: bool = False) -> Qwen2_5_VLConfig:
-    """The tiny model of ``_qwen_tiny.hf_config`` (without importing transformers), pad id 0 set."""
-    text = TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-        mrope_section=(2, 3, 3), max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-        pad_token_id=PAD_ID,
-    )
-    vision = VisionConfig(
-        depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=IN_CHANNELS,
-        patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH, window_size=16,
-        out_hidden_size=64, fullatt_block_indexes=(1, 3), tokens_per_second=2,
-    )
-    return Qwen2_5_VLConfig(
-        vision=vision, text=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    return native_config(tie_word_embeddings)
 
 
 def test_non_dividing_tp_is_one_line_config_error():
@@ -310,31 +284,8 @@ def _fsdp_tp_worker(rank: int, out_dir: str) -> None:
             json.dump(diffs, fh)
 
 
-def _entry(rank: int, world: int, port: int, fn, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(rank, out_dir)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _spawn(fn, world: int, out_dir: str) -> dict[str, float]:
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(world, port, fn, out_dir), nprocs=world, join=True)
+    run_workers(fn, world, out_dir)
     name = "diffs_tp.json" if fn is _tp_worker else "diffs_fsdp_tp.json"
     with open(os.path.join(out_dir, name), encoding="utf-8") as fh:
         diffs = json.load(fh)

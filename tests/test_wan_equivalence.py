@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _spawn import run_workers
 
 import openspeed
 from openspeed.errors import CheckpointError, ConfigError
@@ -271,26 +270,7 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
             json.dump(diffs, fh)
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        _fsdp_worker(rank, out_dir)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def test_fsdp_per_block_matches_one_process(tmp_path):
-    import torch.multiprocessing as mp
 
     config = WanConfig(**I2V)
     torch.manual_seed(3)
@@ -301,10 +281,7 @@ def test_fsdp_per_block_matches_one_process(tmp_path):
     inputs["encoder_hidden_states_image"] = torch.randn(2, 5, config.image_dim)
     torch.save(inputs, tmp_path / "inputs.pt")
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_entry, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    run_workers(_fsdp_worker, 2, str(tmp_path))
     diffs = json.loads((tmp_path / "diffs.json").read_text())
     print(f"fsdp dp_shard=2: {diffs}")
     assert diffs["output"] < 1e-5 and diffs["grad"] < 1e-5
