@@ -285,6 +285,17 @@ def test_fused_linear_cross_entropy_matches_reference(dtype, recompute, divisor)
             assert_close(a, b, dtype)
 
 
+def test_fused_cross_entropy_with_no_labelled_rows_gives_zero_loss_and_gradients():
+    # Only labelled rows enter the LM head; with none, the loss and both gradients are exactly zero.
+    h, w, targets = _ce_inputs(torch.float32, n=40)
+    targets = torch.full_like(targets, -100)
+    fast = cross_entropy.fused_linear_cross_entropy(h, w, targets, divisor=5, chunk_size=16)
+    ref = cross_entropy.linear_cross_entropy_reference(h, w, targets, divisor=5)
+    assert fast.item() == ref.item() == 0.0
+    for g in grads(fast, (h, w), None):
+        assert g.abs().max().item() == 0.0
+
+
 def test_fused_cross_entropy_frozen_head_eval_and_saved_bytes():
     h, w, targets = _ce_inputs(torch.float32, n=256, vocab=2000)
     ref = cross_entropy.linear_cross_entropy_reference(h, w.detach(), targets)

@@ -20,7 +20,8 @@ rows) and applies it at once:
   backward recomputes each chunk's logits (four matmuls in all), and nothing of size ``V x H`` is kept
   between forward and backward beyond the weight itself.
 
-Either way at most one chunk of logits (``chunk_size x V`` fp32) exists at a time. The loss is the fp32
+Only rows with a target enter the chunks (the others contribute neither loss nor gradient), so the
+LM head's three matmuls run over the labelled tokens alone. Either way at most one chunk of logits (``chunk_size x V`` fp32) exists at a time. The loss is the fp32
 sum of per-chunk sums. The weight gradient is accumulated over chunks in an fp32 buffer by an
 fp32-accumulating GEMM (``grad_accum.addmm_fp32_``: mixed precision where the device has it, upcast
 operands on the CPU) and cast to the weight's dtype once. Stashed gradients are scaled in place, so
@@ -221,11 +222,18 @@ def fused_linear_cross_entropy(
     if targets1d.shape[0] != hidden2d.shape[0]:
         raise ValueError(f"{hidden2d.shape[0]} hidden rows but {targets1d.shape[0]} targets")
     chunk = int(chunk_size) if chunk_size else default_chunk_size(weight.shape[0])
+    valid = targets1d != ignore_index
+    if divisor is None:
+        divisor = valid.sum()
+    # Rows without a target add nothing to the loss and get no gradient: only labelled rows go through
+    # the LM head (in SFT, prompts and image tokens are often a third or more of the sequence). The
+    # row selection is one index on the host; ``index_select``'s backward scatters the gradient back.
+    rows = valid.nonzero().squeeze(1)
+    if rows.numel() < targets1d.numel():
+        hidden2d, targets1d = hidden2d.index_select(0, rows), targets1d.index_select(0, rows)
     total = _FusedLinearCrossEntropy.apply(
         hidden2d, weight, targets1d, ignore_index, chunk, recompute, torch.is_grad_enabled()
     )
-    if divisor is None:
-        divisor = (targets1d != ignore_index).sum()
     return total / divisor
 
 
