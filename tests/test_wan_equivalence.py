@@ -182,7 +182,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         WanConfig.from_hf_dict({**bad_config, "_class_name": "CogVideoXTransformer3DModel"})
 
 
-def test_input_errors_and_no_tensor_parallel(tmp_path):
+def test_input_errors_and_tensor_parallel_sizes(tmp_path):
     native = _save_and_load(_reference(**TINY), tmp_path)
     with pytest.raises(ValueError, match="rope_max_seq_len"):
         native(**_inputs(1, TINY["in_channels"], (17, 2, 2), text_tokens=3))
@@ -195,8 +195,8 @@ def test_input_errors_and_no_tensor_parallel(tmp_path):
     from openspeed.models.registry import get_model_spec
 
     spec = get_model_spec("WanTransformer3DModel")
-    dims = SimpleNamespace(sizes={"tp": 2}, dp_enabled=False)
-    with pytest.raises(ConfigError, match="tensor-parallel"):
+    dims = SimpleNamespace(sizes={"tp": 3}, dp_enabled=False)
+    with pytest.raises(ConfigError, match="parallel.tp=3 does not divide num_attention_heads=2"):
         spec.parallelize(native, dims, SimpleNamespace(parallel=SimpleNamespace(zero_stage=3)))
     assert spec.part_of("blocks.0.ffn.fc1.weight") == "dit"
     assert spec.flops is training_flops

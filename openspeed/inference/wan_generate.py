@@ -8,8 +8,13 @@ the pipeline's VAE (or is the video, in pixel space) and written as an MP4 (GIF 
 encoder) with a PNG contact sheet of its frames.
 
 Each prompt's starting noise is drawn from its own generator (``seed + prompt number``), so a clip does
-not depend on how prompts are batched. Sampling runs in one process; Ulysses sequence parallelism over
-the video tokens (distributed sampling) comes with context parallelism.
+not depend on how prompts are batched.
+
+Distributed sampling: launched as several processes (``openspeed generate --nproc N``, or under
+``torchrun``: ``WORLD_SIZE`` > 1), every rank loads the model and the frozen parts, draws the same
+noise and encodes the same prompts, and the DiT runs Ulysses context parallelism over the video
+tokens across all ranks (``models/wan/parallelize.py: apply_context_parallel``); every rank ends with
+the same latents (equal to one process up to float rounding) and rank 0 writes the clips.
 """
 
 from __future__ import annotations
@@ -44,6 +49,17 @@ class TrainedDiT:
     step: int
     ema: bool
     adapted: list[str]
+    cp: Any = None
+    """The :class:`ContextParallel` group the DiT's video tokens are split over (distributed sampling)."""
+
+
+def enable_context_parallel(trained: TrainedDiT, cp) -> TrainedDiT:
+    """Split the DiT's video tokens over ``cp`` (call on every rank of the group); returns ``trained``."""
+    from openspeed.models.wan.parallelize import apply_context_parallel
+
+    apply_context_parallel(trained.model, cp)
+    trained.cp = cp
+    return trained
 
 
 def _ema_keys(checkpoint: str) -> set[str]:
@@ -192,6 +208,13 @@ def generate_videos(
                                   image_to_video=image_to_video, device=device)
     parts.check_video_shape(frames, height, width)
     latent_shape = parts.latent_shape(frames, height, width)
+    if trained.cp is not None:
+        tokens = math.prod(latent_shape[1:]) // trained.config.patch_volume
+        if tokens % trained.cp.seq_multiple:
+            raise ConfigError(
+                f"--nproc {trained.cp.size}: a {frames}x{height}x{width} clip has {tokens} video tokens, "
+                f"not a multiple of {trained.cp.seq_multiple} (change --frames / --height / --width or --nproc)"
+            )
     null = parts.encode_caption(negative_prompt)[None].to(device)
     videos = []
     for start in range(0, len(prompts), batch_size):
@@ -247,17 +270,50 @@ def run_generate(
     One prompt writes ``out`` (``.mp4``) and ``<out stem>.png``; several write ``clip_NNN.mp4`` / ``.png``
     and ``samples.jsonl`` into the directory ``out``. ``score`` checks each clip's colour and motion
     against its caption with the moving-shapes checker.
-    """
-    from openspeed.data.video_text import load_image, video_to_uint8
 
-    trained = load_trained_dit(checkpoint, "cpu", ema=ema)
+    Run as several processes (``WORLD_SIZE`` > 1: ``openspeed generate --nproc N`` or ``torchrun``) the
+    DiT runs Ulysses over the video tokens across them (see the module docstring); rank 0 writes and
+    scores, the other ranks return a summary without clips.
+    """
+    import torch.distributed as dist
+
+    from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
+    from openspeed.data.video_text import load_image
+
     images = None
     if image_paths:
         loaded = [load_image(p) for p in image_paths]
         images = loaded * len(prompts) if len(loaded) == 1 else loaded
         if len(images) != len(prompts):
             raise ConfigError(f"--image: give one image, or one per prompt ({len(prompts)})")
-    videos = generate_videos(trained, prompts, images=images, **sample_kwargs)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        trained = load_trained_dit(checkpoint, "cpu", ema=ema)
+        videos = generate_videos(trained, prompts, images=images, **sample_kwargs)
+        return _write_outputs(trained, prompts, videos, out, score)
+
+    # Several processes: Ulysses over the video tokens across all of them; rank 0 writes.
+    from openspeed.distributed.context_parallel import ContextParallel
+
+    owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
+    rank, _ = init_distributed()
+    try:
+        trained = load_trained_dit(checkpoint, get_accelerator().device, ema=ema)
+        enable_context_parallel(trained, ContextParallel.from_group(dist.group.WORLD, "ulysses"))
+        videos = generate_videos(trained, prompts, images=images, **sample_kwargs)
+        if rank == 0:
+            return _write_outputs(trained, prompts, videos, out, score)
+        return {"step": trained.step, "ema": trained.ema, "clips": []}
+    finally:
+        if owns_group:
+            destroy_distributed()
+
+
+def _write_outputs(trained: TrainedDiT, prompts: Sequence[str], videos: torch.Tensor, out: str,
+                   score: bool) -> dict[str, Any]:
+    """Write the clips (and score them); the summary :func:`run_generate` returns."""
+    from openspeed.data.video_text import video_to_uint8
+
+    videos = videos.cpu()
     single = len(prompts) == 1 and not os.path.isdir(out) and Path(out).suffix
     records = []
     for i, (prompt, video) in enumerate(zip(prompts, videos)):
@@ -283,5 +339,5 @@ def run_generate(
     return summary
 
 
-__all__ = ["TrainedDiT", "generate_videos", "load_trained_dit", "run_generate", "sample_latents", "save_clip",
-           "velocity"]
+__all__ = ["TrainedDiT", "enable_context_parallel", "generate_videos", "load_trained_dit", "run_generate",
+           "sample_latents", "save_clip", "velocity"]

@@ -1,10 +1,11 @@
 """The training loop of diffusion transformers (Wan2.1): flow matching, optional LoRA and EMA.
 
 Reads like ``trainer.py`` and shares its building blocks: the model is built on the meta device and
-parallelised through its spec (FSDP2 over the data-parallel dims), weights are loaded from the
-pipeline's ``transformer/`` or initialised from (seed, name), AdamW with warmup / cosine, global-norm
-clipping, atomic DCP checkpoints (``resume=auto``, ``keep_last``), ``metrics.jsonl`` with a progress bar
-and ``loss.png``, SIGTERM saving a checkpoint and exiting.
+parallelised through its spec (tensor parallel, context parallel over the video tokens, FSDP2 over the
+data-parallel dims times cp), weights are loaded from the pipeline's ``transformer/`` or initialised
+from (seed, name), AdamW with warmup / cosine, global-norm clipping, atomic DCP checkpoints
+(``resume=auto``, ``keep_last``), ``metrics.jsonl`` with a progress bar and ``loss.png``, SIGTERM saving
+a checkpoint and exiting.
 
 One step: this rank's micro-batches are decoded ahead by the loader (``data.loader.step_batches``);
 the step's usable sample count is summed over the data-parallel group; each micro-batch is encoded
@@ -12,6 +13,11 @@ the step's usable sample count is summed over the data-parallel group; each micr
 group's loss ``sum(per-sample MSE) / global samples`` is back-propagated. Ranks run the same number of
 forwards (FSDP gathers parameters in each): a rank with fewer groups runs weightless ones. Gradients
 are reduced on the step's last backward only.
+
+Context parallel ranks (same data-parallel rank, so the same samples and draws) each run their share
+of the video tokens and all see the whole gathered output, so each computes the whole loss (it is
+summed over the data-parallel group only) while their parameter gradients, each its own tokens'
+share, are summed by FSDP over ``dp_shard x cp``. Tensor parallel ranks compute the same loss too.
 
 ``openspeed train`` comes here when ``model.path`` is a Wan pipeline (see :func:`is_dit_run`).
 """
@@ -104,9 +110,14 @@ def build_dit(cfg: RunConfig, dims=None, device: torch.device | str = "cpu", loa
 
 def check_dit_config(cfg: RunConfig, sizes: dict[str, int]) -> None:
     """What the DiT loop cannot honour yet, refused in one line."""
-    for name in ("pp", "cp", "tp"):
-        if sizes[name] > 1:
-            raise ConfigError(f"parallel.{name}={sizes[name]}: not available for wan training yet (use dp_shard / dp_replicate)")
+    if sizes["pp"] > 1:
+        raise ConfigError(f"parallel.pp={sizes['pp']}: not available for wan training yet (use dp, cp or tp)")
+    if sizes["tp"] > 1 and cfg.parallel.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: the wan tensor-parallel plan has no sequence "
+                          "parallelism (use parallel.cp to split the video tokens)")
+    if sizes["tp"] > 1 and cfg.model.lora.rank > 0:
+        raise ConfigError(f"parallel.tp={sizes['tp']}: LoRA with tensor parallelism is not available for wan "
+                          "training yet (use dp or cp)")
     mem = cfg.memory
     if mem.offload_activations or mem.offload_optimizer or mem.budget_gb is not None:
         raise ConfigError("memory offload and memory.budget_gb are not available for wan training yet "
@@ -159,11 +170,14 @@ def run_dit_training(cfg: RunConfig) -> dict:
         if cfg.train.cpu_threads < 1:
             raise ConfigError(f"train.cpu_threads must be >= 1, got {cfg.train.cpu_threads}")
         torch.set_num_threads(cfg.train.cpu_threads)
+    # A process group that is already up (a test's workers, a caller's own) is left to its owner.
+    owns_group = not dist.is_initialized()
     rank, world = init_distributed()
     try:
         return _train(cfg, acc, rank, world)
     finally:
-        destroy_distributed()
+        if owns_group:
+            destroy_distributed()
 
 
 def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
@@ -188,7 +202,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
 
     sizes = resolve_layout(cfg, world)
     check_dit_config(cfg, sizes)
-    dims = build_mesh(sizes, acc.device_type)
+    dims = build_mesh(sizes, acc.device_type, cfg.parallel.cp_algo, cfg.parallel.cp_ulysses_degree)
     dp_group, dp_rank, dp_size = dims.dp_group(), dims.dp_rank(), dims.dp_size
     is_main = rank == 0
     if cfg.train.deterministic:

@@ -171,9 +171,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --------------------------------------------------------------------------------------------------
 
 
-def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(batch, seq, heads*dim) -> (batch, seq, heads, dim)."""
-    return x.unflatten(-1, (num_heads, -1))
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(batch, seq, heads*head_dim) -> (batch, seq, heads, head_dim).
+
+    Split by the head width, not the head count, so a module whose projections hold only some of the
+    heads (tensor parallelism) splits its share correctly.
+    """
+    return x.unflatten(-1, (-1, head_dim))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -188,6 +192,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -197,9 +202,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, seq, dim); ``cos``/``sin``: (seq, head_dim / 2)."""
-        q = apply_rope(_heads(self.q_norm(self.q_proj(x)), self.num_heads), cos, sin)
-        k = apply_rope(_heads(self.k_norm(self.k_proj(x)), self.num_heads), cos, sin)
-        v = _heads(self.v_proj(x), self.num_heads)
+        q = apply_rope(_heads(self.q_norm(self.q_proj(x)), self.head_dim), cos, sin)
+        k = apply_rope(_heads(self.k_norm(self.k_proj(x)), self.head_dim), cos, sin)
+        v = _heads(self.v_proj(x), self.head_dim)
         return self.o_proj(_attend(q, k, v))
 
 
@@ -214,6 +219,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, image_kv_dim: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -228,14 +234,14 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: (batch, seq, dim) queries; ``text``/``image``: (batch, tokens, dim) contexts."""
-        q = _heads(self.q_norm(self.q_proj(x)), self.num_heads)
-        k = _heads(self.k_norm(self.k_proj(text)), self.num_heads)
-        v = _heads(self.v_proj(text), self.num_heads)
+        q = _heads(self.q_norm(self.q_proj(x)), self.head_dim)
+        k = _heads(self.k_norm(self.k_proj(text)), self.head_dim)
+        v = _heads(self.v_proj(text), self.head_dim)
         out = _attend(q, k, v)
         # Zero image tokens contribute nothing (diffusers' attention over zero keys gives zeros too).
         if self.has_image_kv and image is not None and image.shape[1] > 0:
-            k_img = _heads(self.image_k_norm(self.image_k_proj(image)), self.num_heads)
-            v_img = _heads(self.image_v_proj(image), self.num_heads)
+            k_img = _heads(self.image_k_norm(self.image_k_proj(image)), self.head_dim)
+            v_img = _heads(self.image_v_proj(image), self.head_dim)
             out = out + _attend(q, k_img, v_img)
         return self.o_proj(out)
 
