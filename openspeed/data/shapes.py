@@ -8,6 +8,8 @@ words, image-processor settings) that ``VLProcessor`` and the model loader can r
 
 from __future__ import annotations
 
+import base64
+import csv
 import json
 import math
 from collections.abc import Iterable
@@ -422,6 +424,64 @@ def _make_question(objects: list[dict[str, Any]], qtype: str, rng) -> tuple[str,
     return _QUESTION_TEMPLATES["count"], COUNT_WORDS[len(objects)]
 
 
+# Columns of the MMBench-style evaluation TSV (read by openspeed/eval/tsv.py).
+TSV_COLUMNS: tuple[str, ...] = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image")
+
+
+def answer_choices(grid_size: int = 2, max_shapes: int = 3) -> dict[str, list[str]]:
+    """Every possible answer of each question type: the closed sets multiple-choice options come from.
+
+    Counts run up to at least "four", so every type offers four options.
+    """
+    return {
+        "colour": list(COLOURS),
+        "shape": list(SHAPES),
+        "position": position_names(grid_size),
+        "count": list(COUNT_WORDS[1 : max(max_shapes, 4) + 1]),
+    }
+
+
+def write_shapes_tsv(
+    records: Iterable[dict[str, Any]],
+    root: str | Path,
+    path: str | Path,
+    *,
+    grid_size: int = 2,
+    max_shapes: int = 3,
+    seed: int = 0,
+    num_options: int = 4,
+) -> Path:
+    """Write shapes records as an MMBench-style multiple-choice TSV (``openspeed eval``'s input).
+
+    One row per record: ``index`` (the image number), the first question without its ``<image>``
+    tag, an empty ``hint``, options ``A``..``D`` (the answer and ``num_options - 1`` other answers of
+    the same question type from :func:`answer_choices`, in an order drawn from ``seed``), ``answer``
+    (the right option's letter), ``category`` (the question type) and ``image`` (the PNG file's bytes,
+    base64). Images are read relative to ``root``. Returns ``path``.
+    """
+    if not 2 <= num_options <= 4:
+        raise ValueError(f"num_options must be 2..4, got {num_options}")
+    # A stream of its own, so the images and questions of a seed never depend on the TSV.
+    rng = np.random.default_rng([seed, 1])
+    choices = answer_choices(grid_size, max_shapes)
+    letters = TSV_COLUMNS[3:7]
+    path = Path(path)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(TSV_COLUMNS)
+        for rec in records:
+            answer, qtype = str(rec["answer"]), str(rec["qtype"])
+            others = [c for c in choices[qtype] if c != answer]
+            picked = [others[int(k)] for k in rng.choice(len(others), size=num_options - 1, replace=False)]
+            options = [[answer, *picked][int(k)] for k in rng.permutation(num_options)]
+            question = rec["messages"][0]["content"].replace("<image>", "")
+            image = base64.b64encode((Path(root) / rec["images"][0]).read_bytes()).decode("ascii")
+            index = int(str(rec["id"]).rsplit("-", 1)[-1])
+            cells = options + [""] * (len(letters) - num_options)
+            writer.writerow([index, question, "", *cells, letters[options.index(answer)], qtype, image])
+    return path
+
+
 def make_shapes_dataset(
     out_dir: str | Path,
     num: int,
@@ -437,7 +497,8 @@ def make_shapes_dataset(
     """Generate the synthetic shapes VQA set: ``num`` images with one question each.
 
     Writes ``images/NNNNNN.png``, ``train.jsonl`` and ``val.jsonl`` (the last
-    ``round(num * val_fraction)`` images) and ``model/`` via :func:`write_tiny_model_dir`
+    ``round(num * val_fraction)`` images), ``eval.tsv`` (the validation questions as multiple
+    choice, see :func:`write_shapes_tsv`) and ``model/`` via :func:`write_tiny_model_dir`
     (``model_kwargs`` are passed through). Each image holds 1..``max_shapes`` shapes of distinct
     kinds (so "the triangle" is unambiguous) on distinct cells of a ``grid_size`` grid. Records
     carry ``messages``, ``images``, ``qtype``, ``answer``, ``id`` and the ``scene``.
@@ -505,6 +566,9 @@ def make_shapes_dataset(
             for rec in part:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
+    eval_tsv = write_shapes_tsv(records[num_train:], out, out / "eval.tsv", grid_size=grid_size,
+                                max_shapes=max_shapes, seed=seed)
+
     model_dir = write_tiny_model_dir(
         out / "model", shapes_vocabulary(grid_size, max_shapes), **(model_kwargs or {})
     )
@@ -512,6 +576,7 @@ def make_shapes_dataset(
         "root": out,
         "train": out / "train.jsonl",
         "val": out / "val.jsonl",
+        "eval_tsv": eval_tsv,
         "images": out / "images",
         "model_dir": model_dir,
         "num_train": num_train,
