@@ -171,8 +171,10 @@ def test_greedy_generate_appends_after_each_rows_last_token_and_early_stop():
     # Distributed callers keep every rank in step: always exactly max_new_tokens forwards.
     assert greedy_generate(stopping, batch, 4, eos_token_id=2, pad_token_id=0, early_stop=False) == [[], [], []]
     assert stopping.calls == 4
-    with pytest.raises(ValueError, match="right-padded"):
-        greedy_generate(counting, {**batch, "attention_mask": batch["attention_mask"].flip(1)}, 2, 15, 0)
+    # Left padding is decoded too (tests/test_generation.py); padding on both sides is refused.
+    both_sides = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="left or right padding only"):
+        greedy_generate(counting, {**batch, "attention_mask": both_sides}, 2, 15, 0)
 
 
 def test_score_predictions_and_chance():

@@ -1,5 +1,11 @@
-"""Inference helpers for native models: greedy decoding and prompt-only samples."""
+"""Inference helpers for native models: batched decoding (greedy or sampled) and prompt-only samples."""
 
-from openspeed.inference.generate import build_prompt_sample, greedy_generate
+from openspeed.inference.generate import (
+    build_prompt_sample,
+    filter_logits,
+    generate,
+    greedy_generate,
+    next_tokens,
+)
 
-__all__ = ["build_prompt_sample", "greedy_generate"]
+__all__ = ["build_prompt_sample", "filter_logits", "generate", "greedy_generate", "next_tokens"]

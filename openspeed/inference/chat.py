@@ -1,4 +1,8 @@
-"""Answer questions about images with a trained run (``openspeed chat``)."""
+"""Answer questions about images with a trained run (``openspeed chat``).
+
+Answers are greedy by default; with a ``temperature`` and/or ``top_p`` they are sampled (see
+:func:`~openspeed.inference.generate.generate`), reproducibly when a ``seed`` is given.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import os
 import sys
 from typing import Any
 
+import torch
+
 from openspeed.data.collator import VLCollator
 from openspeed.errors import BadSampleError, DataError
-from openspeed.inference.generate import build_prompt_sample, greedy_generate
+from openspeed.inference.generate import build_prompt_sample, check_sampling, generate
 from openspeed.training.run_loading import load_trained_model
 
 IMAGE_TAG = "<image>"
@@ -24,21 +30,39 @@ def _user_messages(question: str, num_images: int) -> list[dict[str, str]]:
 
 
 class _Answerer:
-    def __init__(self, run_dir: str, max_new_tokens: int):
+    def __init__(self, run_dir: str, max_new_tokens: int, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None):
+        # Sampling only when asked for; checked before the (slow) model load.
+        self.do_sample = temperature is not None or top_p is not None
+        self.temperature = 1.0 if temperature is None else temperature
+        self.top_p = 1.0 if top_p is None else top_p
+        if self.do_sample:
+            check_sampling(self.temperature, self.top_p)
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
         self.model, self.processor, self.run_cfg, self.step = load_trained_model(run_dir)
         self.collate = VLCollator(self.processor.pad_token_id, self.processor.image_token_id,
                                   self.processor.video_token_id)
         self.max_new_tokens = max_new_tokens
 
     def answer(self, samples: list[dict[str, Any]]) -> list[str]:
-        tokens = greedy_generate(self.model, self.collate(samples), self.max_new_tokens,
-                                 self.processor.eos_token_id, self.processor.pad_token_id)
+        tokens = generate(
+            self.model, self.collate(samples), max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.processor.eos_token_id, pad_token_id=self.processor.pad_token_id,
+            do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+            generator=self.generator,
+        )
         return [self.processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
-def answer_one(run_dir: str, question: str, images: list[str], max_new_tokens: int = 32) -> str:
-    """The run's greedy answer to ``question`` about ``images``."""
-    answerer = _Answerer(run_dir, max_new_tokens)
+def answer_one(run_dir: str, question: str, images: list[str], max_new_tokens: int = 32, *,
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+    """The run's answer to ``question`` about ``images``: greedy, or sampled when ``temperature`` or
+    ``top_p`` is given (reproducibly with ``seed``)."""
+    answerer = _Answerer(run_dir, max_new_tokens, temperature, top_p, seed)
     sample = build_prompt_sample(answerer.processor, _user_messages(question, len(images)), images)
     return answerer.answer([sample])[0]
 
@@ -64,13 +88,15 @@ def _record_prompt(record: dict[str, Any], base: str) -> tuple[list[dict[str, An
 
 
 def answer_file(run_dir: str, questions_path: str, out_path: str | None, max_new_tokens: int = 32,
-                batch_size: int = 8) -> tuple[int, int]:
+                batch_size: int = 8, *, temperature: float | None = None, top_p: float | None = None,
+                seed: int | None = None) -> tuple[int, int]:
     """Answer every record of a JSONL file; write each record plus ``prediction`` as JSONL.
 
-    Unusable records (bad JSON, missing image) are written with an ``error`` field instead and
-    counted. Returns (answered, skipped).
+    Sampling options as in :func:`answer_one` (one random stream over the whole file). Unusable
+    records (bad JSON, missing image) are written with an ``error`` field instead and counted.
+    Returns (answered, skipped).
     """
-    answerer = _Answerer(run_dir, max_new_tokens)
+    answerer = _Answerer(run_dir, max_new_tokens, temperature, top_p, seed)
     base = os.path.dirname(os.path.abspath(questions_path))
     try:
         with open(questions_path, encoding="utf-8") as fh:

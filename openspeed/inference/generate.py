@@ -1,24 +1,27 @@
-"""Greedy decoding for the native VLM, and prompt-only samples to decode from.
+"""Batched decoding for the native VLM (greedy or sampled), and prompt-only samples to decode from.
 
-Decoding recomputes the full forward every step (no KV cache): evaluation answers are a few tokens,
-so the simplicity is worth more than the speed here.
+:func:`generate` decodes with a KV cache when the model offers one (``model.new_kv_cache``, the
+native Qwen2.5-VL does) and otherwise recomputes the full forward every step (e.g. the pipeline-stage
+front, or any model-like callable). Both give the same tokens: the cache only saves recomputing the
+prompt, and its decode step's logits equal the full forward's at the last position.
 
-Padding: batches come right-padded from :class:`VLCollator` and stay right-padded. Each row keeps its
-own length; its next token is read from the logits at its last real token and written right after
-it (into padding, or a newly added column). This is exact rather than approximately right:
+Padding: each row must be padded on one side, right (what :class:`VLCollator` builds) or left; the
+side is read from ``attention_mask`` per row. The result is exactly that of decoding every row alone:
 
-* causal attention means a real token never attends to anything to its right, so trailing padding
-  cannot change a row's logits (padding keys are masked anyway);
+* causal attention means a real token never attends to anything to its right, and padding keys are
+  masked, so padding cannot change a row's logits;
 * M-RoPE positions are computed inside the model from ``attention_mask`` (padding is skipped and
-  real tokens count up in order), so an appended token gets the position it would have in an
+  real tokens count up in order), so a generated token gets the position it would have in an
   unpadded sequence.
 
-Left padding would work too (positions skip masked tokens), but keeping the collator's layout means
-the vision placeholders and ``mm_token_type_ids`` never have to move.
+Without a cache each row's next token is written right after its last real token (into right
+padding, or a new column), so the vision placeholders and ``mm_token_type_ids`` never move. With a
+cache every step adds one column to all rows; a row that has finished gets a padding column there.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -58,26 +61,104 @@ def _model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """ValueError unless ``temperature`` > 0 and ``top_p`` is in (0, 1]."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Sampling scores: ``logits / temperature`` with the tokens outside the nucleus set to ``-inf``.
+
+    The nucleus (top-p) is the smallest set of most likely tokens whose probability reaches ``top_p``:
+    a token is kept when the tokens strictly more likely than it hold less than ``top_p`` in total, so
+    the most likely token always survives. Ties are ordered by token id (stable sort).
+
+    Args:
+        logits: (..., vocab) scores, computed on in fp32.
+        temperature: > 0; below 1 sharpens the distribution, above 1 flattens it.
+        top_p: in (0, 1]; 1 keeps every token.
+    """
+    check_sampling(temperature, top_p)
+    scores = logits.float() / temperature
+    if top_p >= 1:
+        return scores
+    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    probs = sorted_scores.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """One token id per row of (batch, vocab) ``logits``: the argmax, or a sample.
+
+    The argmax is taken in fp32 so ties break the same way whatever the compute dtype. Sampling
+    draws from :func:`filter_logits` on ``generator``'s device (the CPU without one), so a CPU
+    generator serves a model on any device.
+    """
+    if not do_sample:
+        return logits.float().argmax(-1).tolist()
+    probs = filter_logits(logits, temperature, top_p).softmax(-1)
+    probs = probs.to(generator.device if generator is not None else "cpu")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
+
+
+def _row_ends(mask: torch.Tensor) -> list[int]:
+    """Each row's index after its last real token; refuses rows that are not left or right padded."""
+    seq = mask.shape[1]
+    ends = []
+    for b, n in enumerate(mask.long().sum(dim=1).tolist()):
+        right, left = bool(mask[b, :n].all()), bool(mask[b, seq - n :].all())
+        if n == 0 or not (right or left):
+            raise ValueError(f"row {b} of the batch is empty or not padded on one side (left or right padding only)")
+        ends.append(n if right else seq)
+    return ends
+
+
 @torch.no_grad()
-def greedy_generate(
+def generate(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
+    *,
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
-    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
     early_stop: bool = True,
 ) -> list[list[int]]:
-    """Greedy-decode up to ``max_new_tokens`` tokens for every row of a right-padded prompt batch.
+    """Decode up to ``max_new_tokens`` tokens for every row of a left- or right-padded prompt batch.
 
     Args:
-        model: the native VLM (plain or FSDP-wrapped); called as ``model(**inputs).logits``. It is
-            put in eval mode for the call and returned to its previous mode afterwards.
-        batch: a :class:`VLCollator` batch of prompt-only samples (``input_ids``, ``attention_mask``,
-            optional ``mm_token_type_ids`` and vision tensors; ``labels`` are ignored).
+        model: the native VLM (plain, FSDP- or tensor-parallel-wrapped) or any model-like callable
+            answering ``model(**inputs).logits``. It is put in eval mode for the call and returned to
+            its previous mode afterwards.
+        batch: prompt-only samples: ``input_ids``, ``attention_mask`` (each row padded on one side),
+            optional ``mm_token_type_ids`` and vision tensors; ``labels`` are ignored.
         max_new_tokens: the most tokens generated per row.
         eos_token_id: a row stops when it produces this id (the id is not returned).
         pad_token_id: the id written into unused positions.
+        do_sample: sample from the (temperature-scaled, top-p filtered) distribution instead of
+            taking the argmax; see :func:`filter_logits`.
+        temperature, top_p: sampling parameters (ignored when ``do_sample`` is false).
+        generator: the random source of sampling (seed it for reproducible samples). Tensor-parallel
+            ranks must pass identically seeded generators so they pick the same tokens.
+        use_cache: decode with a KV cache when the model offers one (``model.new_kv_cache``);
+            ``False`` recomputes the full forward every step (the reference the cache must equal).
         early_stop: stop as soon as every row has hit EOS. Distributed callers (FSDP) must pass
             ``False``: every rank then runs exactly ``max_new_tokens`` forwards, as the collectives
             inside the sharded forward require, whatever its own rows produced.
@@ -88,6 +169,8 @@ def greedy_generate(
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if do_sample:
+        check_sampling(temperature, top_p)
     bsz, seq = input_ids.shape
     if max_new_tokens <= 0 or bsz == 0:
         return [[] for _ in range(bsz)]
@@ -95,16 +178,16 @@ def greedy_generate(
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
-    lengths = mask.long().sum(dim=1).tolist()
-    for b, n in enumerate(lengths):
-        # Right padding means the first ``n`` positions are the real ones; anything else would
-        # make "append after the last real token" wrong, so refuse it rather than mis-decode.
-        if n == 0 or not bool(mask[b, :n].all()):
-            raise ValueError(f"row {b} of the batch is empty or not right-padded")
+    ends = _row_ends(mask.cpu())
+    vision = {k: batch[k].to(device) for k in _MODEL_INPUT_KEYS if batch.get(k) is not None}
+    pick = functools.partial(
+        next_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
+    )
+    cache = model.new_kv_cache(seq + max_new_tokens) if use_cache and hasattr(model, "new_kv_cache") else None
 
-    # Room for every new token; columns beyond the longest row's current length are trimmed off
-    # before each forward.
-    width = seq + max_new_tokens
+    # Without a cache: room for every new token; columns beyond the longest row's current end are
+    # trimmed off before each forward.
+    width = seq + max_new_tokens if cache is None else seq
     ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
     ids[:, :seq] = input_ids.cpu()
     attn = torch.zeros((bsz, width), dtype=torch.long)
@@ -113,7 +196,6 @@ def greedy_generate(
     if batch.get("mm_token_type_ids") is not None:
         types = torch.zeros((bsz, width), dtype=batch["mm_token_type_ids"].dtype)
         types[:, :seq] = batch["mm_token_type_ids"].cpu()
-    vision = {k: batch[k].to(device) for k in _MODEL_INPUT_KEYS if batch.get(k) is not None}
 
     generated: list[list[int]] = [[] for _ in range(bsz)]
     done = [False] * bsz
@@ -121,36 +203,64 @@ def greedy_generate(
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if early_stop and all(done):
                 break
-            cur = max(lengths)
-            inputs: dict[str, Any] = {
-                "input_ids": ids[:, :cur].to(device),
-                "attention_mask": attn[:, :cur].to(device),
-                **vision,
-            }
-            if types is not None:
-                inputs["mm_token_type_ids"] = types[:, :cur].to(device)
-            # Vocab-sharded (tensor-parallel) logits are gathered; every TP rank decodes alike.
-            logits = full_logits(model(**inputs).logits)
-            last = torch.tensor(lengths) - 1
-            # Only each row's last real position matters; argmax in fp32 so ties break the same way
-            # whatever the compute dtype.
-            next_tokens = logits[rows.to(logits.device), last.to(logits.device)].float().argmax(-1).tolist()
-            for b, token in enumerate(next_tokens):
+            if cache is not None and step > 0:
+                # One column for every row: the token each row chose last step, or padding (masked,
+                # no position) for a row that has finished.
+                last = [generated[b][-1] if not done[b] else pad_token_id for b in range(bsz)]
+                column = torch.tensor([[0 if done[b] else 1] for b in range(bsz)])
+                attn = torch.cat([attn, column], dim=1)
+                inputs: dict[str, Any] = {
+                    "input_ids": torch.tensor(last).unsqueeze(1).to(device),
+                    "attention_mask": attn.to(device),
+                    "kv_cache": cache,
+                }
+                # Vocab-sharded (tensor-parallel) logits are gathered; every TP rank decodes alike.
+                step_logits = full_logits(model(**inputs).logits)[:, -1]
+            else:
+                cur = max(ends)
+                inputs = {"input_ids": ids[:, :cur].to(device), "attention_mask": attn[:, :cur].to(device), **vision}
+                if types is not None:
+                    inputs["mm_token_type_ids"] = types[:, :cur].to(device)
+                if cache is not None:
+                    inputs["kv_cache"] = cache
+                    attn = attn[:, :cur]  # what the cache holds; decode steps add columns to it
+                logits = full_logits(model(**inputs).logits)
+                # Only each row's last real position matters.
+                last_real = torch.tensor(ends) - 1
+                step_logits = logits[rows.to(logits.device), last_real.to(logits.device)]
+            for b, token in enumerate(pick(step_logits)):
                 if done[b]:
                     continue
                 if token == eos_token_id:
                     done[b] = True
                     continue
                 generated[b].append(int(token))
-                ids[b, lengths[b]] = token
-                attn[b, lengths[b]] = 1
-                lengths[b] += 1  # new text token: mm_token_type_ids stays 0
+                if cache is None:
+                    ids[b, ends[b]] = token
+                    attn[b, ends[b]] = 1
+                    ends[b] += 1  # new text token: mm_token_type_ids stays 0
     finally:
         model.train(was_training)
     return generated
+
+
+def greedy_generate(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    *,
+    early_stop: bool = True,
+) -> list[list[int]]:
+    """Greedy :func:`generate` (with the KV cache when the model offers one); same arguments."""
+    return generate(
+        model, batch, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        early_stop=early_stop,
+    )
 
 
 def build_prompt_sample(

@@ -237,7 +237,8 @@ def attention(
     Args:
         q, k, v: ``(batch, heads, seq, head_dim)``; ``k``/``v`` may have fewer heads (GQA).
         causal: mask out keys after the query. Queries and keys are assumed to be the same positions
-            (no KV cache), i.e. the mask is aligned top-left.
+            (no KV cache), i.e. the mask is aligned top-left. With ``causal=False`` the keys may be
+            longer than the queries (a KV-cache decode step); ``attention_mask`` then covers the keys.
         attention_mask: ``(batch, seq)`` with 1 for real tokens and 0 for padding. Padding keys are
             never attended to; padding queries produce finite garbage (zeros on the flash path).
         cu_seqlens: int cumulative segment lengths ``[0, l0, l0 + l1, ..., seq]`` for a batch of one
@@ -256,8 +257,11 @@ def attention(
             cu_seqlens=cu_seqlens, scale=scale,
         )
     bounds = None if cu_seqlens is None else _segment_bounds(cu_seqlens, q.shape[0], q.shape[2])
-    # Dense batches stay on SDPA, whose own fused kernels cover them.
-    flash_dtype = None if bounds is None and attention_mask is None else _flash_dtype(q)
+    # Dense batches stay on SDPA, whose own fused kernels cover them, and so do queries shorter than
+    # the keys (KV-cache decode steps), which the varlen call below does not lay out.
+    flash_dtype = None
+    if (bounds is not None or attention_mask is not None) and q.shape[2] == k.shape[2]:
+        flash_dtype = _flash_dtype(q)
     if flash_dtype is not None:
         q, k, v = (t.to(flash_dtype) for t in (q, k, v))
         return _flash_varlen_attention(q, k, v, causal, attention_mask, bounds, scale)

@@ -21,6 +21,7 @@ from openspeed.models.layers.rope import (
     apply_vision_rotary,
 )
 from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
+from openspeed.models.qwen2_5_vl.kv_cache import KVCache, LayerKV
 from openspeed.models.qwen2_5_vl.rope_index import get_rope_index, mm_token_type_ids_from_input_ids
 from openspeed.ops.attention import attention
 from openspeed.ops.cross_entropy import can_fuse, fused_linear_cross_entropy
@@ -245,10 +246,13 @@ class TextAttention(nn.Module):
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
     ) -> torch.Tensor:
         """``x``: (batch, seq, hidden); ``cos``/``sin``: (batch, seq, head_dim).
 
         ``cu_seqlens``: segment bounds of a packed row (batch 1); attention stays inside each segment.
+        ``kv_cache``: this layer's cache; the new keys/values are appended to it and the queries attend
+        to every cached token. ``attention_mask`` then covers the cached and the new tokens.
         """
         b, s, _ = x.shape
         # Head counts from the projections (-1), so a tensor-parallel rank's head shard works too.
@@ -256,8 +260,17 @@ class TextAttention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin, unsqueeze_dim=1)
+        causal = True
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+            if k.shape[2] != s:
+                # A decode step: one new query per row, after every cached key, so causal masking
+                # hides nothing (the padding mask over the keys still applies).
+                if s != 1:
+                    raise ValueError(f"with a filled KV cache a forward takes one new token per row, got {s}")
+                causal = False
         out = attention(
-            q, k, v, causal=True, attention_mask=attention_mask, cu_seqlens=cu_seqlens, scale=self.head_dim**-0.5
+            q, k, v, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, scale=self.head_dim**-0.5
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -279,10 +292,12 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None = None,
+        kv_cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """``x``: (batch, seq, hidden); ``cu_seqlens`` as in :class:`TextAttention`."""
-        # cu_seqlens goes by keyword: tensor-parallel input hooks lay out the positional args only.
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cu_seqlens=cu_seqlens)
+        """``x``: (batch, seq, hidden); ``cu_seqlens`` and ``kv_cache`` as in :class:`TextAttention`."""
+        # cu_seqlens / kv_cache go by keyword: tensor-parallel input hooks lay out the positional args only.
+        h = self.input_layernorm(x)
+        x = x + self.self_attn(h, cos, sin, attention_mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -303,15 +318,18 @@ class Qwen2LanguageModel(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """(batch, seq, hidden) embeddings and (3, batch, seq) positions -> final hidden states.
 
         ``cu_seqlens``: segment bounds of a packed row (batch 1); attention never crosses them.
+        ``kv_cache``: keys/values of earlier tokens, extended by this call (see :class:`KVCache`).
         """
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention_mask, cu_seqlens=cu_seqlens)
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_cache is None else kv_cache.layer(i)
+            x = layer(x, cos, sin, attention_mask, cu_seqlens=cu_seqlens, kv_cache=cache)
         return self.norm(x)
 
 
@@ -341,8 +359,9 @@ def mrope_position_ids(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(3, batch, seq) positions: the given ones (2-D ones repeated), 3-D M-RoPE when a grid is
-    given (see :func:`get_rope_index`), else ``0..seq-1``. With ``cu_seqlens`` (a packed row) the
-    computed positions restart at every segment, as if each segment were a row of its own."""
+    given (see :func:`get_rope_index`), else ``0..seq-1`` counted over the real tokens of
+    ``attention_mask``. With ``cu_seqlens`` (a packed row) the computed positions restart at every
+    segment, as if each segment were a row of its own."""
     if position_ids is None:
         if image_grid_thw is not None or video_grid_thw is not None:
             if mm_token_type_ids is None:
@@ -365,6 +384,12 @@ def mrope_position_ids(
         else:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
             position_ids = position_ids.expand(input_ids.shape[0], -1)
+            if attention_mask is not None:
+                # Real tokens count up in order, padding skipped: a left-padded row numbers its tokens
+                # from 0 as it would unpadded. Padding keeps its column index (no real token sees it),
+                # so right-padded rows get exactly 0..seq-1.
+                real = attention_mask.bool()
+                position_ids = torch.where(real, attention_mask.long().cumsum(1) - 1, position_ids)
     if position_ids.dim() == 2:
         position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
     return position_ids
@@ -391,6 +416,41 @@ def _attention_mask_needed(
         if end > start and bool(segment.any()) and not bool(segment.all()):
             return attention_mask
     return None
+
+
+def next_text_positions(position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch,) the M-RoPE position a text token appended after each row's real tokens would take.
+
+    :func:`get_rope_index` advances its running position by ``max(h, w)`` after an image or video
+    (whose height/width positions reach ``start + max(h, w) - 1``) and by one per text token, so the
+    next position is one more than the largest height/width position of the row's real tokens. (The
+    temporal section can run further ahead for long videos, which is why Hugging Face's "max + 1"
+    ``rope_deltas`` are not used here: this matches what a full forward over the longer row computes.)
+    """
+    spatial = position_ids[1:].amax(0)  # (batch, seq); text tokens hold one value in all sections
+    if attention_mask is not None:
+        spatial = spatial.masked_fill(~attention_mask.to(spatial.device, torch.bool), -1)
+    return spatial.amax(1) + 1
+
+
+def decode_position_ids(
+    kv_cache: KVCache, attention_mask: torch.Tensor | None, batch: int, new: int, device: torch.device
+) -> torch.Tensor:
+    """(3, batch, new) positions of ``new`` appended text tokens, advancing ``kv_cache.next_positions``.
+
+    ``attention_mask`` covers the cached and the new tokens; new tokens that are padding (a row that
+    has finished) take no position.
+    """
+    if kv_cache.next_positions is None:
+        raise ValueError("the KV cache has no positions: run the prompt through the model with it first")
+    if attention_mask is None:
+        new_mask = torch.ones(batch, new, dtype=torch.long, device=device)
+    else:
+        new_mask = attention_mask[:, -new:].to(device, torch.long)
+    start = kv_cache.next_positions.to(device)
+    positions = start[:, None] + new_mask.cumsum(1) - new_mask  # real new tokens count up from start
+    kv_cache.next_positions = start + new_mask.sum(1)
+    return positions.unsqueeze(0).expand(3, -1, -1)
 
 
 @dataclass
@@ -477,6 +537,10 @@ class Qwen2_5_VLModel(nn.Module):
         if self.config.tie_word_embeddings and self.lm_head.weight is not embed:
             self.lm_head.weight = embed
 
+    def new_kv_cache(self, capacity: int = 0) -> KVCache:
+        """An empty :class:`KVCache` for this model, with room for ``capacity`` tokens per row."""
+        return KVCache(self.config.text.num_hidden_layers, capacity)
+
     def _scatter_vision(
         self,
         embeds: torch.Tensor,
@@ -547,6 +611,7 @@ class Qwen2_5_VLModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        kv_cache: KVCache | None = None,
     ) -> CausalLMOutput:
         """Run the model on a (batch, seq) batch.
 
@@ -568,23 +633,46 @@ class Qwen2_5_VLModel(nn.Module):
 
         ``return_logits=False`` (with labels) says only the loss is wanted: from optimization level 2
         on it is then computed from the final hidden states in chunks and ``logits`` is ``None``.
+
+        ``kv_cache`` (:meth:`new_kv_cache`) makes the forward incremental, for decoding. Given empty,
+        this is the prompt ("prefill"): computed as without a cache, and the cache keeps every layer's
+        keys/values and each row's next text position. Given filled, ``input_ids`` is one new text
+        token per row (batch, 1), ``attention_mask`` covers the cached tokens and the new one (0 for a
+        row that has finished), no vision inputs are taken (the vision tower runs on the prefill only),
+        and the new token's M-RoPE position continues its row's real tokens.
         """
         if cu_seqlens is not None:
+            if kv_cache is not None:
+                raise ValueError("a KV cache takes padded batches, not packed rows (cu_seqlens)")
             # Read on the host once per forward (one sync at most), not once per layer.
             cu_seqlens = cu_seqlens.detach().cpu()
-        embeds, position_ids, text_mask = self.embed_inputs(
-            input_ids,
-            attention_mask,
-            pixel_values,
-            image_grid_thw,
-            pixel_values_videos,
-            video_grid_thw,
-            second_per_grid_ts,
-            mm_token_type_ids,
-            position_ids,
-            cu_seqlens,
-        )
-        hidden = self.language_model(embeds, position_ids, text_mask, cu_seqlens)
+        if kv_cache is not None and len(kv_cache) > 0:
+            if pixel_values is not None or pixel_values_videos is not None:
+                raise ValueError("decode steps with a filled KV cache take text tokens only, no pixels")
+            embeds = self.language_model.embed_tokens(input_ids)
+            if position_ids is None:
+                position_ids = decode_position_ids(
+                    kv_cache, attention_mask, input_ids.shape[0], input_ids.shape[1], input_ids.device
+                )
+            elif position_ids.dim() == 2:
+                position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+            text_mask = _attention_mask_needed(attention_mask, None)
+        else:
+            embeds, position_ids, text_mask = self.embed_inputs(
+                input_ids,
+                attention_mask,
+                pixel_values,
+                image_grid_thw,
+                pixel_values_videos,
+                video_grid_thw,
+                second_per_grid_ts,
+                mm_token_type_ids,
+                position_ids,
+                cu_seqlens,
+            )
+            if kv_cache is not None:
+                kv_cache.next_positions = next_text_positions(position_ids, attention_mask)
+        hidden = self.language_model(embeds, position_ids, text_mask, cu_seqlens, kv_cache=kv_cache)
         wants_loss = labels is not None or shift_labels is not None
         if wants_loss and not return_logits and chunked_loss() and can_fuse(self.lm_head.weight):
             targets = shift_labels if shift_labels is not None else next_token_targets(labels, cu_seqlens)
