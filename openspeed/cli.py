@@ -22,9 +22,14 @@ commands:
                                               answer a batch of questions, write JSONL
   convert RUN_DIR --to hf --out DIR [--max-shard-size 2GB]
                                               export a run's latest checkpoint in Hugging Face format
+                                              (a LoRA run merged; also --merge-lora)
+  convert RUN_DIR --to peft --out DIR         a LoRA run's adapter for peft over its model.path
+  eval --checkpoint RUN_DIR --data FILE.tsv [--out DIR] [--batch-size N] [--max-new-tokens N] [--limit N]
+       [--prompt choices|question]          accuracy on an MMBench-style TSV (see docs/evaluation.md)
   data shapes --out DIR [--num N]             write the synthetic shapes VQA set and a tiny model dir
-  generate --checkpoint RUN_DIR --prompt "..." [--image first.png] --out out.mp4
-                                              sample videos from a trained Wan run (MP4 + PNG frames)
+  generate --checkpoint RUN_DIR --prompt "..." [--image first.png] --out out.mp4 [--nproc N]
+                                              sample videos from a trained Wan run (MP4 + PNG frames);
+                                              --nproc splits the video tokens over N processes
   convert RUN_DIR --merge-lora --out DIR      a Wan run's DiT with its LoRA merged, in diffusers format
   data tiny-wan-pipeline --out DIR [--i2v]    write a tiny random diffusers-format Wan2.1 pipeline
   data moving-shapes --out DIR [--num N]      write the moving-shapes text-to-video demo clips
@@ -52,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_convert(rest)
         if command == "generate":
             return cmd_generate(rest)
-        raise OpenSpeedError(f"unknown command '{command}' (commands: train, chat, generate, convert, data)")
+        if command == "eval":
+            return cmd_eval(rest)
+        raise OpenSpeedError(f"unknown command '{command}' (commands: train, chat, eval, generate, convert, data)")
     except OpenSpeedError as exc:
         report_user_error(str(exc))
         return EXIT_USER_ERROR
@@ -188,8 +195,8 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"train.resume: checkpoint directory not found: {resume}")
 
 
-def launch(nproc: int, worker_args: list[str]) -> int:
-    """Run ``nproc`` workers of ``python -m openspeed train ...`` under torch's elastic launcher."""
+def launch(nproc: int, worker_args: list[str], command: str = "train") -> int:
+    """Run ``nproc`` workers of ``python -m openspeed <command> ...`` under torch's elastic launcher."""
     import logging
     import tempfile
 
@@ -199,7 +206,7 @@ def launch(nproc: int, worker_args: list[str]) -> int:
         error_file = os.path.join(tmp, "error")
         env = {ERROR_FILE_ENV: error_file, "OPENSPEED_DATA_READY": "1"}
         logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)
-        exit_code = run_workers(nproc, [sys.executable, "-m", "openspeed", "train", *worker_args], env)
+        exit_code = run_workers(nproc, [sys.executable, "-m", "openspeed", command, *worker_args], env)
         if exit_code == 0:
             return 0
         messages = sorted(f for f in os.listdir(tmp) if f.startswith("error."))
@@ -207,7 +214,8 @@ def launch(nproc: int, worker_args: list[str]) -> int:
             with open(os.path.join(tmp, messages[0]), encoding="utf-8") as fh:
                 print(f"error: {fh.readline().strip()}", file=sys.stderr, flush=True)
             return EXIT_USER_ERROR
-        print(f"error: a training process failed (exit code {exit_code}); its output is above", file=sys.stderr)
+        what = "training" if command == "train" else command
+        print(f"error: a {what} process failed (exit code {exit_code}); its output is above", file=sys.stderr)
         return 1
 
 
@@ -222,10 +230,18 @@ def cmd_chat(args: list[str]) -> int:
     parser.add_argument("--out", help="where --questions answers go (default: stdout)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    parser.add_argument("--top-p", type=float, help="sample from the top-p nucleus (default: greedy)")
+    parser.add_argument("--seed", type=int, help="seed of the sampling, for reproducible answers")
     parser.add_argument("question", nargs="?")
     ns = parser.parse_args(args)
     if (ns.question is None) == (ns.questions is None):
         raise OpenSpeedError("openspeed chat: give either a question or --questions FILE.jsonl")
+    if ns.temperature is not None and not ns.temperature > 0:
+        raise OpenSpeedError(f"--temperature must be > 0, got {ns.temperature}")
+    if ns.top_p is not None and not 0 < ns.top_p <= 1:
+        raise OpenSpeedError(f"--top-p must be in (0, 1], got {ns.top_p}")
+    sampling = {"temperature": ns.temperature, "top_p": ns.top_p, "seed": ns.seed}
     for path in [*ns.image, *([ns.questions] if ns.questions else [])]:
         if not os.path.isfile(path):
             raise OpenSpeedError(f"file not found: {path}")
@@ -235,10 +251,10 @@ def cmd_chat(args: list[str]) -> int:
     from openspeed.inference.chat import answer_file, answer_one
 
     if ns.question is not None:
-        print(answer_one(ns.checkpoint, ns.question, ns.image, max_new_tokens=ns.max_new_tokens))
+        print(answer_one(ns.checkpoint, ns.question, ns.image, max_new_tokens=ns.max_new_tokens, **sampling))
         return 0
     count, skipped = answer_file(ns.checkpoint, ns.questions, ns.out, max_new_tokens=ns.max_new_tokens,
-                                 batch_size=ns.batch_size)
+                                 batch_size=ns.batch_size, **sampling)
     if ns.out:
         print(f"answered {count} questions ({skipped} skipped) -> {ns.out}", file=sys.stderr)
     return 0
@@ -268,10 +284,10 @@ def _parse_size(text: str) -> int:
 def cmd_convert(args: list[str]) -> int:
     parser = _ArgParser(prog="openspeed convert")
     parser.add_argument("run_dir", help="run directory or one of its checkpoints")
-    parser.add_argument("--to", choices=["hf"])
+    parser.add_argument("--to", choices=["hf", "peft"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--merge-lora", action="store_true", help="Wan: fold LoRA adapters into the weights")
+    parser.add_argument("--merge-lora", action="store_true", help="fold a LoRA run's adapters into the weights")
     parser.add_argument("--ema", action="store_true", help="Wan: export the EMA weights")
     ns = parser.parse_args(args)
     shard = _parse_size(ns.max_shard_size)
@@ -285,13 +301,20 @@ def cmd_convert(args: list[str]) -> int:
         what = "LoRA adapter (peft format)" if done["kind"] == "adapter" else "diffusers transformer"
         print(f"wrote a {what} of step {done['step']} to {done['out']}")
         return 0
-    if ns.merge_lora or ns.ema:
-        raise OpenSpeedError("--merge-lora / --ema apply to Wan runs only")
-    if ns.to is None:
+    if ns.ema:
+        raise OpenSpeedError("--ema applies to Wan runs only")
+    if ns.to == "peft":
+        if ns.merge_lora:
+            raise OpenSpeedError("--merge-lora writes the merged model (--to hf), not a peft adapter")
+        from openspeed.training.export import export_peft
+
+        print(f"wrote a LoRA adapter (peft format) to {export_peft(ns.run_dir, ns.out)}")
+        return 0
+    if ns.to is None and not ns.merge_lora:
         raise OpenSpeedError("openspeed convert: the following arguments are required: --to")
     from openspeed.training.export import export_hf
 
-    out = export_hf(ns.run_dir, ns.out, max_shard_size_bytes=shard)
+    out = export_hf(ns.run_dir, ns.out, max_shard_size_bytes=shard, merge_lora=ns.merge_lora)
     print(f"wrote a Hugging Face-format model to {out}")
     return 0
 
@@ -356,7 +379,45 @@ def cmd_data(args: list[str]) -> int:
         from openspeed.data.shapes import make_shapes_dataset
 
         make_shapes_dataset(ns.out, num=ns.num, seed=ns.seed, image_size=ns.image_size)
-        print(f"wrote {ns.num} samples and a tiny model directory to {ns.out}")
+        print(f"wrote {ns.num} samples, a tiny model directory and eval.tsv (held-out multiple choice) to {ns.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: list[str]) -> int:
+    parser = _ArgParser(prog="openspeed eval")
+    parser.add_argument("--checkpoint", required=True, help="run directory or one of its checkpoints")
+    parser.add_argument("--data", required=True, help="MMBench-style TSV (docs/evaluation.md)")
+    parser.add_argument("--out", help="directory for results.json and predictions.jsonl "
+                                      "(default: RUN_DIR/eval/<data file name>)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="evaluate the first N usable rows only")
+    parser.add_argument("--prompt", choices=["choices", "question"], default="choices",
+                        help="'question': ask without the options, match the reply to them by text")
+    ns = parser.parse_args(args)
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(ns, name)
+        if value is not None and value < 1:
+            raise OpenSpeedError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
+    if not os.path.isfile(ns.data):
+        raise OpenSpeedError(f"--data: file not found: {ns.data}")
+    if not os.path.isdir(ns.checkpoint):
+        raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
+
+    from openspeed.eval.tsv import run_tsv_eval
+
+    result = run_tsv_eval(ns.checkpoint, ns.data, ns.out, batch_size=ns.batch_size,
+                          max_new_tokens=ns.max_new_tokens, limit=ns.limit, prompt_style=ns.prompt,
+                          report=lambda line: print(line, file=sys.stderr))
+    for category, s in result["per_category"].items():
+        print(f"  {category:<10} accuracy {s['accuracy']:.3f} ({s['correct']}/{s['n']}, "
+              f"unparseable {s['unparseable']})")
+    print(f"accuracy: {result['accuracy']:.3f} ({result['correct']}/{result['n']}, unparseable "
+          f"{result['unparseable']}, random-choice {result['random_choice_accuracy']:.3f}, "
+          f"skipped {len(result['skipped_rows'])}; step {result['step']}) -> {result['out_dir']}")
     return 0
 
 
@@ -399,7 +460,10 @@ def cmd_generate(args: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--score", action="store_true", help="score colour and motion (moving-shapes checker)")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights even if EMA exists")
+    parser.add_argument("--nproc", type=int, help="processes to split the video tokens over (Ulysses)")
     ns = parser.parse_args(args)
+    if ns.nproc is not None and ns.nproc < 1:
+        raise OpenSpeedError(f"--nproc: expected a positive integer, got {ns.nproc}")
     prompts = list(ns.prompt)
     if ns.prompts:
         if not os.path.isfile(ns.prompts):
@@ -419,6 +483,11 @@ def cmd_generate(args: list[str]) -> int:
         raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
     if ns.batch_size < 1:
         raise OpenSpeedError(f"--batch-size: must be at least 1, got {ns.batch_size}")
+    if under_launcher():  # a worker of --nproc, or of the user's torchrun: run_generate reads WORLD_SIZE
+        if ns.nproc is not None and ns.nproc != int(os.environ["WORLD_SIZE"]):
+            raise OpenSpeedError(f"--nproc {ns.nproc} differs from the launcher's {os.environ['WORLD_SIZE']} processes")
+    elif ns.nproc and ns.nproc > 1:
+        return launch(ns.nproc, _drop_option(args, "--nproc"), command="generate")
     from openspeed.inference.wan_generate import run_generate
 
     summary = run_generate(
@@ -439,6 +508,19 @@ def cmd_generate(args: list[str]) -> int:
               f"{s['direction_correct']}/{s['n']} (chance {s['direction_chance']:.2f}); step {summary['step']}"
               f"{', EMA weights' if summary['ema'] else ''}")
     return 0
+
+
+def _drop_option(args: list[str], name: str) -> list[str]:
+    """``args`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for item in args:
+        if skip:
+            skip = False
+        elif item == name:
+            skip = True
+        elif not item.startswith(f"{name}="):
+            out.append(item)
+    return out
 
 
 class _ArgParser(argparse.ArgumentParser):

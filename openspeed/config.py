@@ -22,17 +22,25 @@ from openspeed.errors import ConfigError
 PARALLEL_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
+# Default LoRA targets: the Wan DiT's attention projections and FFN; Qwen2.5-VL's decoder attention
+# and MLP projections plus the vision blocks' attention and MLP (not the merger or the LM head).
+WAN_LORA_TARGETS = ("self_attn.*_proj", "cross_attn.*_proj", "ffn.fc1", "ffn.fc2")
+VLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                    "attn.qkv", "attn.proj")
+
+
 @dataclass
 class LoRAConfig:
     rank: int = 0
-    """LoRA rank on the DiT's linear layers (0: no LoRA, the whole model trains)."""
+    """LoRA rank on the model's linear layers (0: no LoRA, the whole model trains)."""
     alpha: float | None = None
     """LoRA scaling numerator: the update is (alpha / rank) * B A; None takes the rank (scale 1)."""
-    targets: list[str] = field(
-        default_factory=lambda: ["self_attn.*_proj", "cross_attn.*_proj", "ffn.fc1", "ffn.fc2"]
-    )
-    """Module-name patterns of the linear layers that get adapters (globs or name suffixes, native or
-    diffusers names, e.g. blocks.*.self_attn.q_proj or attn1.to_q)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (peft's lora_dropout), in [0, 1)."""
+    targets: list[str] = field(default_factory=lambda: list(WAN_LORA_TARGETS))
+    """Module-name patterns of the linear layers that get adapters (globs or name suffixes, native,
+    diffusers or Hugging Face names, e.g. blocks.*.self_attn.q_proj, attn1.to_q, visual.blocks.*.attn.qkv).
+    Left at the default, each model family takes its own (WAN_LORA_TARGETS / VLM_LORA_TARGETS)."""
 
 
 @dataclass
@@ -483,8 +491,13 @@ def _check_video_values(cfg: RunConfig) -> None:
         raise ConfigError(f"model.lora.rank: must not be negative, got {lora.rank}")
     if lora.alpha is not None and not lora.alpha > 0:
         raise ConfigError(f"model.lora.alpha: must be positive, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
     if lora.rank and not lora.targets:
         raise ConfigError("model.lora.targets: give at least one module-name pattern")
+    for pattern in lora.targets:
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ConfigError(f"model.lora.targets: '{pattern}' is not a module-name pattern")
     for bucket in data.video_buckets:
         if not re.fullmatch(r"\s*[1-9]\d*x[1-9]\d*x[1-9]\d*\s*", str(bucket).lower()):
             raise ConfigError(f"data.video_buckets: '{bucket}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")

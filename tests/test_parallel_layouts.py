@@ -123,3 +123,46 @@ def test_adaptive_recompute_fits_the_budget_and_keeps_the_losses(reference_run, 
     assert impossible.returncode == 2
     errors = [line for line in impossible.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "memory.budget_gb=0.001 cannot be met" in errors[0], impossible.stderr[-2000:]
+
+
+# LoRA (model.lora, rank 4 on the LLM and the vision tower, base drawn from the seed): the adapters split
+# with their base layers under tp + sp, go with their stage under pp and are untouched by cp; each
+# layout gives the one-process LoRA run's losses (tp2 and dp_shard2 are in test_vlm_lora.py).
+LORA_LAYOUTS = {
+    "lora_tp2_sp": "parallel.tp=2 parallel.sequence_parallel=true",
+    "lora_pp2": "parallel.pp=2",
+    "lora_cp2_ring": "parallel.cp=2 parallel.cp_algo=ring",
+}
+
+
+def _lora_config(tmp_path, shapes_dir) -> str:
+    return make_tiny_run_config(
+        str(tmp_path), shapes_dir, model={"lora": {"rank": 4, "alpha": 8}}, optim={"lr": 2e-2},
+        data={"val_path": ""}, checkpoint={"interval": 3},
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_reference(shapes_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_ref")
+    result = run_train(_lora_config(tmp, shapes_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return train_losses(str(tmp / "run"))
+
+
+@pytest.mark.parametrize("layout", list(LORA_LAYOUTS), ids=list(LORA_LAYOUTS))
+def test_lora_layout_matches_one_process(layout, lora_reference, shapes_dir, tmp_path):
+    result = run_train(_lora_config(tmp_path, shapes_dir), "--nproc", "2", *LORA_LAYOUTS[layout].split())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_losses_close(train_losses(str(tmp_path / "run")), lora_reference)
+
+
+def test_lora_checkpoint_resumes_under_another_layout(lora_reference, shapes_dir, tmp_path):
+    # The checkpoint holds the adapters and their optimizer state only; the frozen base is rebuilt.
+    config = _lora_config(tmp_path, shapes_dir)
+    first = run_train(config, "--nproc", "2", "parallel.tp=2", "train.exit_interval=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_train(config, "--nproc", "2", "parallel.dp_shard=2", "train.resume=auto")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "step 3" in second.stderr
+    assert_losses_close(train_losses(str(tmp_path / "run")), lora_reference)

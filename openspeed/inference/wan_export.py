@@ -50,7 +50,7 @@ def export_wan(run_dir_or_checkpoint: str, out_dir: str | os.PathLike, *, merge_
         lora = run_cfg.model.lora
         alpha = lora.alpha if lora.alpha is not None else lora.rank
         save_peft_adapter(out, lora_state_dict(trained.model), lora.rank, alpha, native_module_to_diffusers,
-                          base_model_name_or_path=os.path.abspath(run_cfg.model.path))
+                          base_model_name_or_path=os.path.abspath(run_cfg.model.path), dropout=lora.dropout)
         return {"out": str(out), "kind": "adapter", "step": trained.step}
     model = merge(trained.model) if trained.adapted else trained.model
     from openspeed.models.wan.config import WanConfig

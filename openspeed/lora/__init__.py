@@ -8,6 +8,7 @@ shard exactly as before and adapters can be saved in the format peft / diffusers
 
 from openspeed.lora.layer import (
     LoRALinear,
+    adapter_view,
     apply_lora,
     init_lora,
     is_lora_param,
@@ -28,6 +29,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "LoRALinear",
+    "adapter_view",
     "apply_lora",
     "init_lora",
     "is_lora_param",

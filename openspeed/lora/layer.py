@@ -1,8 +1,9 @@
 """The LoRA linear layer and how it is applied, initialised, collected and merged.
 
-A LoRA linear computes ``y = x W^T + b + (alpha / r) * (x A^T) B^T`` with ``A`` (r, in) and ``B``
-(out, r), as peft's ``lora.Linear`` does (no dropout). ``B`` starts at zero, so an adapted model
-starts equal to its base model.
+A LoRA linear computes ``y = x W^T + b + (alpha / r) * (dropout(x) A^T) B^T`` with ``A`` (r, in) and
+``B`` (out, r), as peft's ``lora.Linear`` does: the dropout acts on the adapter branch's input only
+(``lora_dropout``; identity in eval mode or at 0). ``B`` starts at zero, so an adapted model starts
+equal to its base model.
 """
 
 from __future__ import annotations
@@ -27,32 +28,40 @@ class LoRALinear(nn.Module):
         base: the ``nn.Linear`` to adapt (its parameters are taken over, not copied; may be on meta).
         rank: adapter rank ``r``.
         alpha: scaling numerator (``scale = alpha / rank``); ``None`` means ``rank``.
+        dropout: dropout probability on the adapter branch's input (peft's ``lora_dropout``).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scale = self.alpha / rank
+        self.dropout = float(dropout)
+        self.lora_dropout = nn.Dropout(self.dropout) if self.dropout > 0 else nn.Identity()
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus the scaled low-rank update."""
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scale
+        """Base output plus the scaled low-rank update of the (dropped-out) input."""
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)))
+        return F.linear(x, self.weight, self.bias) + update * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """``scale * B @ A`` (out, in): what merging adds to ``weight``."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"alpha={self.alpha:g}")
+        return text + (f", dropout={self.dropout:g}" if self.dropout else "")
 
 
 def matches(name: str, patterns: Iterable[str], aliases: Iterable[str] = ()) -> bool:
@@ -75,12 +84,14 @@ def apply_lora(
     rank: int,
     alpha: float | None = None,
     alias: Callable[[str], str] | None = None,
+    dropout: float = 0.0,
 ) -> list[str]:
     """Replace every ``nn.Linear`` whose name matches ``targets`` with a :class:`LoRALinear`, in place.
 
-    ``alias`` maps a module name to another spelling also matched (e.g. diffusers' names of a native
-    model). Works on the meta device. Returns the adapted module names; a pattern that matches no
-    linear layer is a ``ConfigError``.
+    ``dropout`` is the adapters' input dropout (peft's ``lora_dropout``). ``alias`` maps a module name
+    to another spelling also matched (e.g. diffusers' or Hugging Face names of a native model). Works on
+    the meta device. Returns the adapted module names; a pattern that matches no linear layer is a
+    ``ConfigError``.
     """
     targets = list(targets)
     chosen = []
@@ -99,13 +110,32 @@ def apply_lora(
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha))
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
     return chosen
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRA layers by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_view(model: nn.Module) -> nn.Module:
+    """A module that holds ``model``'s adapter layers (the same objects, not copies) under their names.
+
+    Its parameters are exactly the adapters', named as in ``model`` (``<module>.lora_A.weight``), so
+    ``state_dict`` / DCP / optimizer state dicts over it cover the adapters alone: what an
+    adapter-only checkpoint saves and loads. Sharded (DTensor) adapters stay sharded.
+    """
+    view = nn.Module()
+    for name, module in lora_modules(model).items():
+        holder = view
+        for part in name.split("."):
+            if not hasattr(holder, part):
+                holder.add_module(part, nn.Module())
+            holder = getattr(holder, part)
+        holder.add_module("lora_A", module.lora_A)
+        holder.add_module("lora_B", module.lora_B)
+    return view
 
 
 def is_lora_param(name: str) -> bool:
@@ -176,6 +206,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "LoRALinear",
+    "adapter_view",
     "apply_lora",
     "init_lora",
     "is_lora_param",

@@ -30,16 +30,17 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def peft_adapter_config(
-    target_modules: list[str], rank: int, alpha: float, base_model_name_or_path: str | None = None
+    target_modules: list[str], rank: int, alpha: float, base_model_name_or_path: str | None = None,
+    dropout: float = 0.0,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` of a plain LoRA adapter (no dropout, no bias, standard scaling)."""
+    """The ``adapter_config.json`` of a plain LoRA adapter (no bias, standard scaling)."""
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": int(rank),
         "lora_alpha": float(alpha),
-        "lora_dropout": 0.0,
+        "lora_dropout": float(dropout),
         "target_modules": sorted(target_modules),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -58,10 +59,12 @@ def save_peft_adapter(
     alpha: float,
     module_name: Callable[[str], str] | None = None,
     base_model_name_or_path: str | None = None,
+    dropout: float = 0.0,
 ) -> Path:
     """Write adapter tensors (native parameter names ``<module>.lora_A.weight``) in peft's format.
 
-    ``module_name`` maps a native module name to the reference model's (identity by default).
+    ``module_name`` maps a native module name to the reference model's (identity by default);
+    ``dropout`` is recorded as ``lora_dropout`` (it only matters if the adapter is trained further).
     Returns ``out_dir``.
     """
     out = Path(out_dir)
@@ -75,7 +78,7 @@ def save_peft_adapter(
         modules.add(target)
         weights[f"{PEFT_PREFIX}{target}{suffix}"] = value.detach().to("cpu", torch.float32).contiguous()
     save_file(weights, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    config = peft_adapter_config(sorted(modules), rank, alpha, base_model_name_or_path)
+    config = peft_adapter_config(sorted(modules), rank, alpha, base_model_name_or_path, dropout)
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return out
 

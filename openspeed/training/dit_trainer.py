@@ -82,7 +82,8 @@ def build_dit(cfg: RunConfig, dims=None, device: torch.device | str = "cpu", loa
     adapted: list[str] = []
     lora = cfg.model.lora
     if lora.rank > 0:
-        adapted = apply_lora(model, lora.targets, lora.rank, lora.alpha, alias=native_module_to_diffusers)
+        adapted = apply_lora(model, lora.targets, lora.rank, lora.alpha, alias=native_module_to_diffusers,
+                             dropout=lora.dropout)
         mark_only_lora_trainable(model)
     if dims is not None:
         if cfg.memory.recompute != "none":

@@ -1,9 +1,14 @@
-"""Export a trained run as a Hugging Face-format model directory.
+"""Export a trained run as a Hugging Face-format model directory, or a LoRA run's adapter for peft.
 
-The result loads with ``transformers``' ``from_pretrained`` (and with :func:`openspeed.from_pretrained`):
-``config.json`` describes the *trained* model (run-level overrides such as ``model.rope_theta``
-included), the weights are safetensors in Hugging Face names, sharded with an index when large, and
-the tokenizer / processor / generation files are copied from the run's model directory.
+:func:`export_hf`: the result loads with ``transformers``' ``from_pretrained`` (and with
+:func:`openspeed.from_pretrained`): ``config.json`` describes the *trained* model (run-level overrides
+such as ``model.rope_theta`` included), the weights are safetensors in Hugging Face names, sharded
+with an index when large, and the tokenizer / processor / generation files are copied from the run's
+model directory. A LoRA run's adapters are merged into the weights (a plain model).
+
+:func:`export_peft`: a LoRA run's adapters alone, as ``adapter_config.json`` +
+``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads over the HF model the run
+started from (``model.path``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,14 @@ import torch
 from safetensors.torch import save_file
 
 from openspeed.errors import CheckpointError
-from openspeed.models.loading import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from openspeed.training.run_loading import load_trained
+from openspeed.models.loading import (
+    CONFIG_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    has_hf_weights,
+    read_hf_config,
+)
+from openspeed.training.run_loading import TrainedModel, load_trained
 
 DEFAULT_MAX_SHARD_SIZE = 2_000_000_000
 
@@ -90,13 +101,40 @@ def _remove_old_weights(out: Path) -> None:
             path.unlink()
 
 
+def _load_merged(run_dir_or_checkpoint: str, merge_lora: bool) -> TrainedModel:
+    """The run's model as a plain one: a LoRA run's adapters folded into their base weights."""
+    from openspeed.lora import merge_lora as merge
+    from openspeed.lora.training import is_lora_run, load_lora_run
+
+    if is_lora_run(run_dir_or_checkpoint):
+        trained = load_lora_run(run_dir_or_checkpoint, device="cpu")
+        merge(trained.model)
+        return trained
+    if merge_lora:
+        raise CheckpointError(
+            f"run {run_dir_or_checkpoint} has no LoRA adapters to merge (model.lora.rank is 0)"
+        )
+    return load_trained(run_dir_or_checkpoint, device="cpu")
+
+
+def _check_target(out: Path, model_dir: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"export target {out} exists and is not a directory")
+    if out.is_dir() and model_dir.is_dir() and out.resolve() == model_dir.resolve():
+        # Overwriting the source would replace its config (the run's overrides baked in) and weights.
+        raise CheckpointError(f"export target {out} is the run's model directory; choose another")
+
+
 def export_hf(
     run_dir_or_checkpoint: str,
     out_dir: str | os.PathLike,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
+    merge_lora: bool = False,
 ) -> Path:
     """Write the run's latest (or the given) checkpoint to ``out_dir`` in Hugging Face format.
 
+    A LoRA run is written with its adapters merged into the base weights; ``merge_lora=True`` (the
+    CLI's ``--merge-lora``) asks for exactly that and makes a run without adapters an error.
     Writes ``config.json``, ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards and
     ``model.safetensors.index.json`` when the weights exceed ``max_shard_size_bytes``), and copies
     the tokenizer files, ``preprocessor_config.json``, ``chat_template*`` and
@@ -105,14 +143,10 @@ def export_hf(
     """
     if max_shard_size_bytes < 1:
         raise ValueError(f"max_shard_size_bytes must be positive, got {max_shard_size_bytes}")
-    trained = load_trained(run_dir_or_checkpoint, device="cpu")
+    trained = _load_merged(run_dir_or_checkpoint, merge_lora)
     model_dir = Path(trained.run_config.model.path)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"export target {out} exists and is not a directory")
-    if out.is_dir() and model_dir.is_dir() and out.resolve() == model_dir.resolve():
-        # Overwriting the source would replace its config (the run's overrides baked in) and weights.
-        raise CheckpointError(f"export target {out} is the run's model directory; choose another")
+    _check_target(out, model_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     hf_config = trained.spec.config_to_hf(trained.config)
@@ -138,4 +172,54 @@ def export_hf(
 
     for path in _asset_paths(model_dir):
         shutil.copyfile(path, out / path.name)
+    return out
+
+
+def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
+    """Write a LoRA run's adapters (latest or given checkpoint) to ``out_dir`` in peft's format.
+
+    ``adapter_config.json`` names the base model (``base_model_name_or_path``: the run's
+    ``model.path``), the adapted modules in Hugging Face names, ``r``, ``lora_alpha`` and
+    ``lora_dropout``; ``adapter_model.safetensors`` holds ``base_model.model.<HF module>.lora_A.weight``
+    / ``lora_B.weight`` in fp32. The adapter only reproduces the trained model over that base, so a run
+    whose base is not ``model.path``'s weights as they are (no weights there: drawn from the seed; or a
+    run-level override such as ``model.rope_theta``) is a :class:`CheckpointError` pointing to the
+    merged export. Returns ``out_dir``.
+    """
+    from openspeed.errors import ConfigError
+    from openspeed.lora import lora_state_dict, save_peft_adapter
+    from openspeed.lora.training import hf_module_name, load_lora_run, run_config_of
+    from openspeed.training.model_setup import model_config_from_run
+    from openspeed.training.model_setup import model_dir as resolve_model_dir
+
+    # Checked before the model is built: the base must be model.path's weights as they are.
+    cfg = run_config_of(run_dir_or_checkpoint)
+    if cfg.model.lora.rank < 1:
+        raise CheckpointError(
+            f"--to peft: run {run_dir_or_checkpoint} has no LoRA adapters (model.lora.rank is 0)"
+        )
+    base = resolve_model_dir(cfg.model.path)
+    try:
+        spec, config = model_config_from_run(cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"run {run_dir_or_checkpoint}: model {cfg.model.path}: {e}") from None
+    if not has_hf_weights(base):
+        raise CheckpointError(
+            f"--to peft: the run's base model {cfg.model.path} has no weights (they were drawn from "
+            "train.seed), so no peft base model matches the adapter; export the merged model with --to hf"
+        )
+    if spec.config_from_hf(read_hf_config(base)) != config:
+        raise CheckpointError(
+            f"--to peft: the run changed the base model's config (e.g. model.rope_theta), so "
+            f"{cfg.model.path} plus the adapter is not the trained model; export the merged model "
+            "with --to hf"
+        )
+    out = Path(out_dir)
+    _check_target(out, Path(base))
+    trained = load_lora_run(run_dir_or_checkpoint, device="cpu")
+    lora = cfg.model.lora
+    save_peft_adapter(
+        out, lora_state_dict(trained.model), lora.rank, lora.alpha if lora.alpha is not None else lora.rank,
+        hf_module_name(spec), base_model_name_or_path=os.path.abspath(cfg.model.path), dropout=lora.dropout,
+    )
     return out

@@ -59,6 +59,18 @@ def build_training_model(
     with torch.device("meta"):
         model = spec.build(config)
     apply_freeze(model, spec, cfg.model.freeze)
+    parts = cut_and_parallelize(model, spec, dims, cfg, device)
+    load_base_weights(parts, spec, config, cfg)
+    for part in parts:
+        part.train()
+    return parts, spec, config
+
+
+def cut_and_parallelize(
+    model: nn.Module, spec: ModelSpec, dims: ParallelDims, cfg: RunConfig, device: torch.device
+) -> list[nn.Module]:
+    """This rank's parts of a meta-built model (its pipeline stages, or the model), parallelised and
+    materialised (uninitialised) on ``device``."""
     if dims.sizes["pp"] > 1:
         if spec.pipeline is None:
             raise ConfigError(f"parallel.pp={dims.sizes['pp']}: {spec.name} has no pipeline plan")
@@ -69,18 +81,30 @@ def build_training_model(
         spec.parallelize(part, dims, cfg)
         part.to_empty(device=device)
         spec.reset_buffers(part)
+    return parts
+
+
+def load_base_weights(
+    parts: list[nn.Module], spec: ModelSpec, config, cfg: RunConfig,
+    added: Callable[[str], bool] | None = None, announce: bool | None = None,
+) -> None:
+    """The weights a run starts from: ``model.path``'s HF weights, or drawn from (``train.seed``, name).
+
+    ``added`` names parameters the HF weights do not have (e.g. LoRA adapters), left to their own
+    initialisation when weights are loaded. ``announce`` (default: on rank 0) prints the seeded case.
+    """
+    path = model_dir(cfg.model.path)
+    if has_hf_weights(path):
+        load_weights_into(parts, spec, config, path, added=added)
+        return
     std = cfg.model.init_std if cfg.model.init_std is not None else spec.init_std(config)
-    if has_hf_weights(model_dir(cfg.model.path)):
-        load_weights_into(parts, spec, config, model_dir(cfg.model.path))
-    else:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{cfg.model.path} has no weights: initialising from seed {cfg.train.seed} (std {std})",
-                  file=sys.stderr)
-        for part in parts:
-            init_weights(part, cfg.train.seed, std)
+    if announce is None:
+        announce = int(os.environ.get("RANK", "0")) == 0
+    if announce:
+        print(f"{cfg.model.path} has no weights: initialising from seed {cfg.train.seed} (std {std})",
+              file=sys.stderr)
     for part in parts:
-        part.train()
-    return parts, spec, config
+        init_weights(part, cfg.train.seed, std)
 
 
 def load_weights_into(parts: nn.Module | list[nn.Module], spec: ModelSpec, config, path: str,

@@ -135,11 +135,16 @@ def load_trained(run_dir_or_checkpoint: str, device: torch.device | str = "cpu")
 
     ``run_dir_or_checkpoint`` is a run directory (its latest complete checkpoint is used) or a
     ``checkpoints/step_<N>`` directory inside one. Without any checkpoint the model directory's HF
-    weights are loaded, if it has some. The model is fp32, unsharded, on ``device``, in eval mode.
-    Raises :class:`CheckpointError` naming the offending path.
+    weights are loaded, if it has some. A LoRA run (``model.lora.rank`` > 0) gets its base weights and
+    its adapters (:func:`openspeed.lora.training.load_lora_run`). The model is fp32, unsharded, on
+    ``device``, in eval mode. Raises :class:`CheckpointError` naming the offending path.
     """
     run_dir, checkpoint = _resolve(run_dir_or_checkpoint)
     run_cfg = _read_run_config(run_dir)
+    if run_cfg.model.lora.rank > 0:  # adapter-only checkpoints: base weights + adapters, unmerged
+        from openspeed.lora.training import load_lora_run
+
+        return load_lora_run(run_dir_or_checkpoint, device)
     try:
         spec, config = model_config_from_run(run_cfg)
     except ConfigError as e:  # CheckpointErrors from the model directory already name their path

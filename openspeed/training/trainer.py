@@ -36,6 +36,8 @@ from openspeed.distributed.tensor_parallel import (
     plain_tensor,
 )
 from openspeed.errors import ConfigError
+from openspeed.lora import adapter_view
+from openspeed.lora.training import build_lora_training_model
 from openspeed.memory import adaptive_recompute, max_over_ranks, measure_layers, optimizer_state_bytes
 from openspeed.memory.adaptive import GB
 from openspeed.ops.level import set_optimization_level
@@ -213,10 +215,20 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
     if sizes["pp"] > 1:
         _check_pipeline(cfg, sizes, n_micro)
-    parts, spec, config = build_training_model(cfg, dims, acc.device)
+    if cfg.model.lora.rank > 0:
+        # LoRA: only the adapters train, and checkpoints hold only them (and their optimizer state);
+        # the frozen base is rebuilt from model.path / train.seed on resume and export.
+        parts, spec, config, adapted = build_lora_training_model(cfg, dims, acc.device)
+        saved_parts = [adapter_view(part) for part in parts]
+    else:
+        parts, spec, config = build_training_model(cfg, dims, acc.device)
+        adapted, saved_parts = [], parts
     trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
     if not _any_rank(bool(trainable)):
         raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
+    if adapted and is_main:
+        print(f"LoRA rank {cfg.model.lora.rank} on {len(adapted)} linear layers: only the adapters train",
+              file=sys.stderr)
     optim = Optimizers(parts, cfg.optim, cfg.train.max_steps, cfg.memory)
     pipe = None
     if sizes["pp"] > 1:
@@ -233,7 +245,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
     norm_skip = norm_exclusions(pipe) if pipe is not None else []
 
     # ---------------------------------------------------------------- resume
-    start_step, resume_from = resume_run(cfg, acc, rank, parts, optim, task)
+    start_step, resume_from = resume_run(cfg, acc, rank, saved_parts, optim, task)
     if start_step >= cfg.train.max_steps and resume_from:
         return {"steps": 0, "resumed_from": resume_from}
 
@@ -253,7 +265,7 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         ckpt.save_checkpoint(
             checkpoint_root,
             step,
-            parts,
+            saved_parts,
             optim.per_part,
             {"scheduler": optim.scheduler_state(), "skipped": {str(i): r for i, r in skipped.items()}, "seed": cfg.train.seed},
             _rng_state(acc),

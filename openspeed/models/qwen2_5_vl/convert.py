@@ -51,6 +51,11 @@ def hf_to_native(state_dict: dict[str, torch.Tensor], config: Qwen2_5_VLConfig) 
     return out
 
 
+def native_module_to_hf(name: str) -> str:
+    """The Hugging Face (transformers-5) name of native module ``name``, e.g. for peft ``target_modules``."""
+    return _rename(name, _NATIVE_TO_HF_PREFIXES)
+
+
 def native_to_hf(state_dict: dict[str, Any], config: Qwen2_5_VLConfig) -> dict[str, Any]:
     """Rename a native state dict to the transformers-5 layout.
 

@@ -32,6 +32,8 @@ from openspeed.distributed.tensor_parallel import (
     vocab_parallel_embedding,
     vocab_parallel_head,
 )
+from openspeed.lora.layer import lora_modules
+from openspeed.lora.parallel import lora_plan
 from openspeed.memory.apply import apply_memory_config
 from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig
 from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
@@ -125,12 +127,18 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     inside ``loss_context(model)``. Weights must be (re-)initialised or loaded afterwards with
     ``copy_full_into`` (as ``build_training_model`` does).
 
+    LoRA adapters (:class:`~openspeed.lora.LoRALinear` layers, added before this) are split with
+    their base layer (``openspeed/lora/parallel.py``).
+
     Also takes a pipeline stage module (``pipeline.Qwen2_5_VLStage``): only the parts it holds are
     planned, and a stage without ``lm_head`` returns plain full hidden states under sequence
     parallelism (what goes to the next stage).
     """
     check_tensor_parallel_sizes(model.config, tp_mesh.size())
     plan = {**_vision_plan(model), **_text_plan(model, sequence_parallel)}
+    if lora_modules(model):
+        # Adapted layers (model.lora) keep their base layer's layout; the adapters split beside it.
+        plan = lora_plan(model, plan)
     apply_plan(model, tp_mesh, plan)
     # embed_tokens and lm_head are both sharded on the vocabulary (dim 0 of the shared weight), so a
     # tied pair stays valid: re-point lm_head at the (now distributed) embedding weight.
@@ -182,7 +190,11 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
-    """Apply the run's parallel layout to a Qwen2.5-VL model built on the meta device."""
+    """Apply the run's parallel layout to a Qwen2.5-VL model built on the meta device.
+
+    LoRA adapters, when the run has them, are already in the model: tensor parallel splits them with
+    their base layers and FSDP2 shards them like every other parameter of their block.
+    """
     if dims.sizes.get("tp", 1) > 1:
         apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel))
     if dims.cp_size > 1:
