@@ -31,11 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.machine import commit, cpu_name, load_averages
 from benchmarks.train_throughput import (
     OPTIM,
-    _commit,
-    _cpu_name,
-    _load,
     benchmark_config,
     equal_batch,
     hf_model,
@@ -132,8 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m benchmarks.memory", *(sys.argv[1:] if argv is None else argv)])
     print("# Memory savers: bytes kept for backward and optimizer state\n")
     print(
-        f"`{command}` on {acc.device_type} ({_cpu_name()}), torch {torch.__version__}, {threads} thread(s), "
-        f"commit {_commit()}, {datetime.datetime.now().isoformat(timespec='minutes')}, load {_load()}",
+        f"`{command}` on {acc.device_type} ({cpu_name()}), torch {torch.__version__}, {threads} thread(s), "
+        f"commit {commit()}, {datetime.datetime.now().isoformat(timespec='minutes')}, load {load_averages()}",
         flush=True,
     )
     config = benchmark_config()

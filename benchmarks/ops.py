@@ -16,9 +16,7 @@ to wall-clock time.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.machine import commit, cpu_name
 from openspeed.ops import adamw, cross_entropy, grad_accum, rms_norm, rope, swiglu
 
 MiB = 1024 * 1024
@@ -295,28 +294,11 @@ def _ms(seconds: float) -> str:
 
 
 def _header() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = "?"
     clock_name = "process CPU time" if clock is time.process_time else "wall-clock time"
     return (
-        f"torch {torch.__version__}, {_cpu_name()}, {torch.get_num_threads()} thread(s), {clock_name}, "
-        f"commit {commit or '?'} (plus working-tree changes)"
+        f"torch {torch.__version__}, {cpu_name()}, {torch.get_num_threads()} thread(s), {clock_name}, "
+        f"commit {commit()}"
     )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 TABLE_HEAD = (

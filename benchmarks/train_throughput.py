@@ -63,9 +63,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,6 +73,7 @@ import torch
 from torch import nn
 from torch.profiler import profile, record_function
 
+from benchmarks.machine import commit, cpu_name, load_1min, load_averages
 from openspeed.accelerator import get_accelerator
 from openspeed.config import OptimConfig
 from openspeed.data.collator import VLCollator, count_label_tokens
@@ -387,7 +386,7 @@ def run_round_robin(variants: list[Variant], precision: str, steps: int) -> list
         for variant in variants[shift:] + variants[:shift]:
             last[variant.name] = variant.step(variant.batches[r % n], precision)
             variant.times[r % n].append(last[variant.name])
-        loads.append(_load_1min())
+        loads.append(load_1min())
         done = ", ".join(f"{v.name} {last[v.name]:.2f}s" for v in variants)
         print(f"  [{precision}] round {r + 1}/{n * steps} (load {loads[-1]:.2f}): {done}", flush=True)
     return loads
@@ -433,41 +432,6 @@ def summarize(variant: Variant, config: Qwen2_5_VLConfig, saved: int) -> Row:
 # --------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        )
-        return out.stdout.strip() or "?"
-    except OSError:
-        return "?"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load_1min() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def print_table(title: str, rows: list[Row], peak: float, useful: bool) -> None:
@@ -566,7 +530,7 @@ def profile_steps(variants: list[Variant], precision: str, top: int = 12) -> Non
         with profile(activities=get_accelerator().profiler_activities(), record_shapes=True) as prof:
             seconds = variant.step(variant.batches[0], precision)
         events = prof.key_averages()
-        print(f"\n### {variant.name}, {precision}: {seconds:.2f} s (profiled step; load {_load()})\n")
+        print(f"\n### {variant.name}, {precision}: {seconds:.2f} s (profiled step; load {load_averages()})\n")
         phases = [e for e in events if e.key.startswith("phase: ")]
         print("| phase | s |\n|---|---:|")
         for e in phases:
@@ -644,9 +608,9 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m benchmarks.train_throughput", *(sys.argv[1:] if argv is None else argv)])
     print("# Training throughput: OpenSpeed vs Hugging Face transformers\n")
     print(
-        f"`{command}` on {acc.device_type} ({_cpu_name()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), commit {_commit()}, "
-        f"{datetime.datetime.now().isoformat(timespec='minutes')}, load average at start {_load()}",
+        f"`{command}` on {acc.device_type} ({cpu_name()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), commit {commit()}, "
+        f"{datetime.datetime.now().isoformat(timespec='minutes')}, load average at start {load_averages()}",
         flush=True,
     )
     config = benchmark_config()
