@@ -162,6 +162,22 @@ def test_decode_step_logits_equal_full_forward(models, padding):
     assert len(cache) == batch["input_ids"].shape[1] + new.shape[1]
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_logits_positions_select_one_position_per_row(models, padding):
+    # A prompt pass forms logits at each row's last real token only, equal to the full forward's.
+    _, model = models
+    batch = _batch(IMAGE_PROMPTS, padding)
+    last = batch["attention_mask"].long().cumsum(1).argmax(1)  # each row's last real position
+    with torch.no_grad():
+        full = model(**batch).logits
+        picked = model(**batch, logits_positions=last).logits
+    assert picked.shape == (full.shape[0], 1, full.shape[-1])
+    # the same rows through the head (a matmul of another shape: rounding may differ in the last bit)
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(full.shape[0]), last], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no labels"):
+        model(**batch, labels=batch["input_ids"], logits_positions=last)
+
+
 def test_cache_errors(models):
     _, model = models
     ids = torch.tensor([[5, 6, 7]])

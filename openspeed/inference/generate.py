@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from openspeed.data.conversation import (
     IGNORE_INDEX,
@@ -184,6 +185,7 @@ def generate(
         next_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
     )
     cache = model.new_kv_cache(seq + max_new_tokens) if use_cache and hasattr(model, "new_kv_cache") else None
+    select_last = _selects_logits_positions(model)
 
     # Without a cache: room for every new token; columns beyond the longest row's current end are
     # trimmed off before each forward.
@@ -227,10 +229,14 @@ def generate(
                 if cache is not None:
                     inputs["kv_cache"] = cache
                     attn = attn[:, :cur]  # what the cache holds; decode steps add columns to it
-                logits = full_logits(model(**inputs).logits)
                 # Only each row's last real position matters.
                 last_real = torch.tensor(ends) - 1
-                step_logits = logits[rows.to(logits.device), last_real.to(logits.device)]
+                if select_last:
+                    inputs["logits_positions"] = last_real.to(device)
+                    step_logits = full_logits(model(**inputs).logits)[:, 0]
+                else:
+                    logits = full_logits(model(**inputs).logits)
+                    step_logits = logits[rows.to(logits.device), last_real.to(logits.device)]
             for b, token in enumerate(pick(step_logits)):
                 if done[b]:
                     continue
@@ -245,6 +251,22 @@ def generate(
     finally:
         model.train(was_training)
     return generated
+
+
+def _selects_logits_positions(model: nn.Module) -> bool:
+    """Whether ``model`` can return the logits of one position per row (``logits_positions``).
+
+    The native model can (it offers ``new_kv_cache``), except under tensor parallelism: with sequence
+    parallelism its final hidden states are sequence shards, and the vocab-parallel head's logits
+    are gathered anyway. FSDP-sharded heads are whole during the forward.
+    """
+    head = getattr(model, "lm_head", None)
+    if head is None or not hasattr(model, "new_kv_cache"):
+        return False
+    weight = head.weight
+    if isinstance(weight, DTensor):
+        return "tp" not in (weight.device_mesh.mesh_dim_names or ())
+    return True
 
 
 def greedy_generate(

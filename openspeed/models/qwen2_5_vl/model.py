@@ -612,6 +612,7 @@ class Qwen2_5_VLModel(nn.Module):
         shift_labels: torch.Tensor | None = None,
         return_logits: bool = True,
         kv_cache: KVCache | None = None,
+        logits_positions: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Run the model on a (batch, seq) batch.
 
@@ -640,6 +641,11 @@ class Qwen2_5_VLModel(nn.Module):
         token per row (batch, 1), ``attention_mask`` covers the cached tokens and the new one (0 for a
         row that has finished), no vision inputs are taken (the vision tower runs on the prefill only),
         and the new token's M-RoPE position continues its row's real tokens.
+
+        ``logits_positions`` (batch,): one position per row whose logits alone are returned, as
+        (batch, 1, vocab), without labels. What a prompt pass of decoding needs: each row's last real
+        token, without forming (batch, seq, vocab) logits. Hidden states must be whole sequences
+        here (not under sequence parallelism).
         """
         if cu_seqlens is not None:
             if kv_cache is not None:
@@ -680,6 +686,11 @@ class Qwen2_5_VLModel(nn.Module):
                 hidden, self.lm_head.weight, targets, divisor=num_items_in_batch
             )
             return CausalLMOutput(logits=None, loss=loss)
+        if logits_positions is not None:
+            if wants_loss:
+                raise ValueError("logits_positions selects logits for decoding; it takes no labels")
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            hidden = hidden[rows, logits_positions.to(hidden.device)].unsqueeze(1)
         logits = self.lm_head(hidden)
         loss = None
         if shift_labels is not None:
