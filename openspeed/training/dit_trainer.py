@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -199,6 +198,9 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         _seed_all,
         _StopFlag,
         resume_run,
+        run_summary,
+        stop_early,
+        summary_line,
     )
 
     sizes = resolve_layout(cfg, world)
@@ -315,38 +317,19 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
 
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             save(step)
-        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
-        stop_now = _all_reduce(1.0 if stop.requested else 0.0, group=None)[0] > 0
-        if (stop_now or exit_now) and step < cfg.train.max_steps:
-            loader.close()
-            if last_saved != step:
-                save(step)
-            progress.close()
-            if is_main:
-                why = "SIGTERM" if stop_now else f"train.exit_interval={cfg.train.exit_interval}"
-                print(f"{why}: saved checkpoint at step {step}, exiting", file=sys.stderr)
-                _plot(metrics, run_dir)
-            metrics.close()
-            return {"steps": step - start_step, "stopped_at": step}
+        stopped = stop_early(cfg, stop, step, start_step, save, last_saved == step, loader, progress, metrics,
+                             run_dir, is_main)
+        if stopped is not None:
+            return stopped
 
     loader.close()
     progress.close()
     if cfg.checkpoint.save_final and last_saved != step and step > start_step:
         save(step)
-    skipped = Counter(_gather_skipped(task.skipped, dp_group).values())
-    seconds = time.perf_counter() - train_start
-    summary = {
-        "steps": step - start_step,
-        "final_loss": last_loss,
-        "seconds": seconds,
-        "skipped_samples": sum(skipped.values()),
-        "skipped_by_reason": dict(skipped),
-    }
+    summary = run_summary(task.skipped, dp_group, metrics, is_main, step, start_step, last_loss,
+                          time.perf_counter() - train_start)
     if is_main:
-        metrics.log({"step": step, "skipped_samples": summary["skipped_samples"], "skipped_by_reason": dict(skipped)})
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
-        print(f"trained {summary['steps']} steps in {seconds:.1f} s; final loss {last_loss:.4f}; skipped samples: "
-              f"{summary['skipped_samples']}" + (f" ({reasons})" if reasons else ""), file=sys.stderr)
+        print(summary_line(summary), file=sys.stderr)
         _plot(metrics, run_dir)
     metrics.close()
     return summary

@@ -363,19 +363,10 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
             metrics.log({"step": step, **record})
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             save(step)
-        exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
-        stop_now = _all_reduce(1.0 if stop.requested else 0.0, group=None)[0] > 0
-        if (stop_now or exit_now) and step < cfg.train.max_steps:
-            loader.close()
-            if last_saved != step:
-                save(step)
-            progress.close()
-            if is_main:
-                why = "SIGTERM" if stop_now else f"train.exit_interval={cfg.train.exit_interval}"
-                print(f"{why}: saved checkpoint at step {step}, exiting", file=sys.stderr)
-                _plot(metrics, run_dir)
-            metrics.close()
-            return {"steps": step - start_step, "stopped_at": step}
+        stopped = stop_early(cfg, stop, step, start_step, save, last_saved == step, loader, progress, metrics,
+                             run_dir, is_main)
+        if stopped is not None:
+            return stopped
 
     loader.close()
     progress.close()
@@ -400,25 +391,12 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
         metrics.log({"step": step, "heldout_accuracy": real["accuracy"], "heldout_per_type": real["per_type"],
                      "heldout_chance": real["chance_accuracy"], "heldout_blank_accuracy": blank["accuracy"],
                      "heldout_n": real["n"]})
-    skipped = Counter(_gather_skipped(task.skipped, dp_group).values())
     seconds = time.perf_counter() - train_start
-    summary = {
-        "steps": step - start_step,
-        "final_loss": last_loss,
-        "seconds": seconds,
-        "skipped_samples": sum(skipped.values()),
-        "skipped_by_reason": dict(skipped),
-        **final_eval,
-    }
+    summary = run_summary(task.skipped, dp_group, metrics, is_main, step, start_step, last_loss, seconds)
+    summary.update(final_eval)
     if is_main:
-        metrics.log({"step": step, "skipped_samples": summary["skipped_samples"],
-                     "skipped_by_reason": dict(skipped)})
-        parts = [f"trained {summary['steps']} steps in {seconds:.1f} s", f"final loss {last_loss:.4f}"]
-        if final_eval:
-            parts.append(f"val_loss {final_eval['val_loss']:.4f}")
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
-        parts.append(f"skipped samples: {summary['skipped_samples']}" + (f" ({reasons})" if reasons else ""))
-        print("; ".join(parts), file=sys.stderr)
+        extra = [f"val_loss {final_eval['val_loss']:.4f}"] if final_eval else []
+        print(summary_line(summary, extra), file=sys.stderr)
         _plot(metrics, run_dir)
         if held_out is not None:
             real, blank = held_out["real"], held_out["blank"]
@@ -432,6 +410,56 @@ def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
                            heldout_chance=real["chance_accuracy"], heldout_n=real["n"])
     metrics.close()
     return summary
+
+
+def stop_early(cfg: RunConfig, stop: _StopFlag, step: int, start_step: int, save, saved: bool, loader,
+               progress, metrics: MetricsWriter, run_dir: str, is_main: bool) -> dict | None:
+    """Save and wind the run down after ``step`` when SIGTERM reached any rank or ``train.exit_interval``
+    divides the step (before the last step); returns the run's result then, else None.
+
+    Collective (one all-reduce): every rank calls it after every step. ``save(step)`` writes the
+    step's checkpoint, unless ``saved`` says it was just written.
+    """
+    exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
+    stop_now = _all_reduce(1.0 if stop.requested else 0.0, group=None)[0] > 0
+    if not (stop_now or exit_now) or step >= cfg.train.max_steps:
+        return None
+    loader.close()
+    if not saved:
+        save(step)
+    progress.close()
+    if is_main:
+        why = "SIGTERM" if stop_now else f"train.exit_interval={cfg.train.exit_interval}"
+        print(f"{why}: saved checkpoint at step {step}, exiting", file=sys.stderr)
+        _plot(metrics, run_dir)
+    metrics.close()
+    return {"steps": step - start_step, "stopped_at": step}
+
+
+def run_summary(skipped_here: dict[int, str], dp_group, metrics: MetricsWriter, is_main: bool, step: int,
+                start_step: int, last_loss: float, seconds: float) -> dict:
+    """The finished run's summary (steps, final loss, time, samples skipped on any dp rank, by reason);
+    rank 0 logs the skipped counts. Collective over ``dp_group``."""
+    skipped = Counter(_gather_skipped(skipped_here, dp_group).values())
+    summary = {
+        "steps": step - start_step,
+        "final_loss": last_loss,
+        "seconds": seconds,
+        "skipped_samples": sum(skipped.values()),
+        "skipped_by_reason": dict(skipped),
+    }
+    if is_main:
+        metrics.log({"step": step, "skipped_samples": summary["skipped_samples"],
+                     "skipped_by_reason": dict(skipped)})
+    return summary
+
+
+def summary_line(summary: dict, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """``trained N steps in S s; final loss L; <extra>; skipped samples: K (reason=count, ...)``."""
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped_by_reason"].items()))
+    skipped = f"skipped samples: {summary['skipped_samples']}" + (f" ({reasons})" if reasons else "")
+    return "; ".join([f"trained {summary['steps']} steps in {summary['seconds']:.1f} s",
+                      f"final loss {summary['final_loss']:.4f}", *extra, skipped])
 
 
 def _plot(metrics: MetricsWriter, run_dir: str) -> None:
