@@ -9,6 +9,7 @@ from torch import nn
 
 from openspeed.config import RunConfig
 from openspeed.errors import BadSampleError, DataError
+from openspeed.tasks.samples import usable_samples
 
 MODEL_INPUTS = (
     "input_ids",
@@ -57,15 +58,6 @@ class VLMTask:
 
     # ------------------------------------------------------------------ batches
 
-    @staticmethod
-    def _fetch(dataset, index: int, skips: dict[int, str] | None) -> dict[str, Any] | None:
-        try:
-            return dataset[index]
-        except BadSampleError as exc:
-            if skips is not None:
-                skips[index] = exc.reason
-            return None
-
     def _masked_fallback(self, dataset) -> dict[str, Any]:
         """A real sample with every label masked: keeps all ranks in lock-step, adds nothing to the loss."""
         key = id(dataset)
@@ -85,7 +77,7 @@ class VLMTask:
 
     def load_batch(self, dataset, indices: list[int], skips: dict[int, str] | None = None) -> dict[str, Any]:
         """Collate the usable samples among ``indices``; bad ones are skipped (and noted in ``skips``)."""
-        samples = [s for s in (self._fetch(dataset, i, skips) for i in indices) if s is not None]
+        samples = usable_samples(dataset, indices, skips)
         if not samples:
             samples = [self._masked_fallback(dataset)]
         return self.collator(samples)

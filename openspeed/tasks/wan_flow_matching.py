@@ -26,6 +26,7 @@ from torch import nn
 
 from openspeed.config import RunConfig
 from openspeed.errors import BadSampleError, ConfigError, DataError
+from openspeed.tasks.samples import usable_samples
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -149,14 +150,6 @@ class WanFlowMatchingTask:
             out["condition"] = self.parts.image_condition(frame[None], frames)[0].cpu()
         return out
 
-    def _fetch(self, dataset, index: int, skips: dict[int, str] | None) -> dict[str, Any] | None:
-        try:
-            return dataset[index]
-        except BadSampleError as exc:
-            if skips is not None:
-                skips[index] = exc.reason
-            return None
-
     def _weightless_fallback(self, dataset) -> dict[str, Any]:
         """A real sample with weight 0: keeps all ranks in lock-step, adds nothing to the loss."""
         if self._fallback is None:
@@ -172,7 +165,7 @@ class WanFlowMatchingTask:
 
     def load_batch(self, dataset, indices: list[int], skips: dict[int, str] | None = None) -> list[dict[str, Any]]:
         """The usable samples among ``indices`` (decoded, not yet encoded); bad ones are noted in ``skips``."""
-        samples = [s for s in (self._fetch(dataset, i, skips) for i in indices) if s is not None]
+        samples = usable_samples(dataset, indices, skips)
         return samples or [self._weightless_fallback(dataset)]
 
     @staticmethod
