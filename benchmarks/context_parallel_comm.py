@@ -33,12 +33,13 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.machine import commit
 
 ALGOS = {2: [("ulysses", None), ("ring", None)], 4: [("ulysses", None), ("ring", None), ("hybrid", 2)]}
 
@@ -134,15 +135,6 @@ def _spawn(world: int, args) -> list[dict]:
             return json.load(fh)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=4096)
@@ -156,7 +148,7 @@ def main() -> None:
     print(
         f"Context-parallel attention, causal, fp32, batch 1, {args.heads} heads (MHA), head_dim "
         f"{args.head_dim}, seq {args.seq}; forward + backward of one call.\n"
-        f"Host: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, commit {_commit()}, "
+        f"Host: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, commit {commit()}, "
         f"gloo, one thread per process; command: python -m benchmarks.context_parallel_comm "
         f"--seq {args.seq} --heads {args.heads} --head-dim {args.head_dim} --repeats {args.repeats}.\n"
         f"N = B·(S/c)·D·e = one head of one rank's shard; "

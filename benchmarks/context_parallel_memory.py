@@ -59,12 +59,13 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 
 import torch
+
+from benchmarks.machine import commit
 
 MIB = 2**20
 # cp size -> [(algorithm, ulysses degree)]; cp = 1 is the plain model.
@@ -257,18 +258,6 @@ def _spawn(world: int, args: argparse.Namespace) -> list[dict]:
             return json.load(fh)
 
 
-def _commit() -> str:
-    """The short commit hash, with ``+dirty`` when tracked files differ from it."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True).returncode != 0
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def _layout_name(row: dict) -> str:
     if row["cp"] == 1:
         return "no cp"
@@ -342,7 +331,7 @@ def main() -> None:
     print(
         f"Saved-for-backward bytes per rank, Qwen2.5-VL language model ({params}), fp32, batch 1, text only, "
         f"{level}; one training forward with the loss.\n"
-        f"Host: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, commit {_commit()}, "
+        f"Host: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, commit {commit()}, "
         f"gloo, one thread per process; command: python -m benchmarks.context_parallel_memory "
         f"--seqs {' '.join(map(str, args.seqs))} --budgets-mib {' '.join(map(str, args.budgets_mib))} "
         f"--optimization-level {args.optimization_level}; "
