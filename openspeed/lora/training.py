@@ -92,11 +92,6 @@ def run_config_of(run_dir_or_checkpoint: str) -> RunConfig:
     return _read_run_config(run_dir)
 
 
-def is_lora_run(run_dir_or_checkpoint: str) -> bool:
-    """Whether the run (directory or one of its checkpoints) trained LoRA adapters (``model.lora.rank``)."""
-    return run_config_of(run_dir_or_checkpoint).model.lora.rank > 0
-
-
 def load_lora_run(run_dir_or_checkpoint: str, device: torch.device | str = "cpu"):
     """A LoRA run's model in one plain process: base weights as trained from, adapters from the checkpoint.
 
@@ -142,7 +137,6 @@ __all__ = [
     "add_adapters",
     "build_lora_training_model",
     "hf_module_name",
-    "is_lora_run",
     "load_lora_run",
     "lora_targets",
     "run_config_of",

@@ -103,18 +103,17 @@ def _remove_old_weights(out: Path) -> None:
 
 def _load_merged(run_dir_or_checkpoint: str, merge_lora: bool) -> TrainedModel:
     """The run's model as a plain one: a LoRA run's adapters folded into their base weights."""
+    from openspeed.lora import lora_modules
     from openspeed.lora import merge_lora as merge
-    from openspeed.lora.training import is_lora_run, load_lora_run
 
-    if is_lora_run(run_dir_or_checkpoint):
-        trained = load_lora_run(run_dir_or_checkpoint, device="cpu")
+    trained = load_trained(run_dir_or_checkpoint, device="cpu")  # a LoRA run: base + adapters
+    if lora_modules(trained.model):
         merge(trained.model)
-        return trained
-    if merge_lora:
+    elif merge_lora:
         raise CheckpointError(
             f"run {run_dir_or_checkpoint} has no LoRA adapters to merge (model.lora.rank is 0)"
         )
-    return load_trained(run_dir_or_checkpoint, device="cpu")
+    return trained
 
 
 def _check_target(out: Path, model_dir: Path) -> None:
