@@ -22,13 +22,6 @@ from openspeed.errors import ConfigError
 PARALLEL_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-# Default LoRA targets: the Wan DiT's attention projections and FFN; Qwen2.5-VL's decoder attention
-# and MLP projections plus the vision blocks' attention and MLP (not the merger or the LM head).
-WAN_LORA_TARGETS = ("self_attn.*_proj", "cross_attn.*_proj", "ffn.fc1", "ffn.fc2")
-VLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                    "attn.qkv", "attn.proj")
-
-
 @dataclass
 class LoRAConfig:
     rank: int = 0
@@ -37,25 +30,24 @@ class LoRAConfig:
     """LoRA scaling numerator: the update is (alpha / rank) * B A; None takes the rank (scale 1)."""
     dropout: float = 0.0
     """Dropout on the adapters' input (peft's lora_dropout), in [0, 1)."""
-    targets: list[str] = field(default_factory=lambda: list(WAN_LORA_TARGETS))
-    """Module-name patterns of the linear layers that get adapters (globs or name suffixes, native,
-    diffusers or Hugging Face names, e.g. blocks.*.self_attn.q_proj, attn1.to_q, visual.blocks.*.attn.qkv).
-    Left at the default, each model family takes its own (WAN_LORA_TARGETS / VLM_LORA_TARGETS)."""
+    targets: list[str] = field(default_factory=list)
+    """Module-name patterns of the linear layers that get adapters (globs or name suffixes, native or
+    reference names, e.g. blocks.*.self_attn.q_proj, attn1.to_q, visual.blocks.*.attn.qkv).
+    Empty: the model family's default targets."""
 
 
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Hugging Face-format model directory (config.json, tokenizer, processor; weights optional), or a
-    diffusers Wan pipeline directory (model_index.json) or its transformer folder."""
+    """Reference-format model directory (config.json, tokenizer, processor; weights optional), or a
+    diffusers pipeline directory (model_index.json) or its transformer folder. Its model_type names
+    the run's model family."""
     init_std: float | None = None
     """Std of the normal init for weight matrices; None takes the model config's initializer_range."""
     rope_theta: float | None = None
     """Override of the language model's RoPE base (small recipes learn faster with a small base)."""
     freeze: list[str] = field(default_factory=list)
-    """Parts that get no gradient and no optimizer state: any of vision, merger, llm."""
-    vae: Literal["pipeline", "identity"] = "pipeline"
-    """Wan: the pipeline's VAE, or identity (pixel space: the latent is the video in [-1, 1])."""
+    """Parts that get no gradient and no optimizer state: any of the parts the model family defines."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
@@ -65,8 +57,9 @@ class DataConfig:
     val_path: str | None = None
     max_seq_len: int = 2048
     num_workers: int = 0
-    generate: Literal["shapes", "moving_shapes"] | None = None
-    """Synthetic data set made on first use when train_path is missing."""
+    generate: str | None = None
+    """Synthetic data set made on first use when train_path is missing (a generator a model family
+    registers: shapes, moving_shapes)."""
     generate_dir: str | None = None
     generate_num: int = 2000
     generate_turns: int = 1
@@ -78,18 +71,6 @@ class DataConfig:
     generate_vision_width: int = 64
     """Vision-tower width of the synthetic set's tiny model (its MLP is twice as wide)."""
     packing: bool = False
-    video_buckets: list[str] = field(default_factory=lambda: ["81x480x832"])
-    """Wan: FRAMESxHEIGHTxWIDTH buckets clips are resized / cropped into."""
-    frame_interval: int = 1
-    """Wan: take every N-th frame of a clip, from its first."""
-    text_len: int = 512
-    """Wan: caption tokens (UMT5 states, zero-padded); image-to-video needs 512."""
-    caption_dropout: float = 0.1
-    """Wan: probability of training a sample on the empty caption (for classifier-free guidance)."""
-    generate_jitter: float = 3.0
-    """moving_shapes: largest random offset (pixels) of a path across and along its direction."""
-    generate_dit: dict = field(default_factory=dict)
-    """moving_shapes: WanTransformer3DModel arguments of the demo's tiny DiT (over the defaults)."""
 
 
 @dataclass
@@ -136,11 +117,8 @@ class TrainConfig:
     exit_interval: int | None = None
     """Save a checkpoint and exit after a step divisible by this (Megatron's --exit-interval)."""
     ema_decay: float | None = None
-    """Wan: keep an exponential moving average of the trained weights with this decay (None: off)."""
-    flow_shift: float = 5.0
-    """Wan: timestep shift of flow matching, sigma = shift*u / (1 + (shift-1)*u); also sampling's default."""
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    """Wan: distribution of u before the shift."""
+    """Keep an exponential moving average of the trained weights with this decay (None: off); it is
+    checkpointed beside the model, and export / sampling can use it."""
 
 
 @dataclass
@@ -217,6 +195,9 @@ class ProfileConfig:
 
 @dataclass
 class RunConfig:
+    """The generic sections, plus the run's model family's own section as an attribute
+    (``cfg.wan``), declared by the family (:mod:`openspeed.models.families`), not here."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -227,8 +208,28 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
+    def __post_init__(self) -> None:
+        self.family: str | None = None
+        """The run's model family, once known (see :func:`bind_family`)."""
+        self.family_sections: dict[str, Any] = {}
+        """Family name -> its config section (only the run's family's once bound)."""
+        self.explicit: dict[str, str] = {}
+        """``section.key`` set in the YAML or on the command line -> the spelling the user wrote."""
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("family_sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"{type(self).__name__} has no section '{name}'")
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        for name, section in self.family_sections.items():
+            out[name] = dataclasses.asdict(section)
+        return out
+
+
+GENERIC_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 # Megatron / MindSpeed flag spellings users bring along, mapped onto our keys.
@@ -358,18 +359,151 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
+def _family_index():
+    """(family name -> Family, old spelling -> new key) of every registered family (light imports)."""
+    from openspeed.models.families import families
+
+    found = {f.name: f for f in families()}
+    aliases = {old: new for f in found.values() for old, new in f.aliases.items()}
+    return found, aliases
+
+
+def _move_aliases(raw: dict[str, Any], aliases: dict[str, str]) -> dict[str, str]:
+    """Rewrite old spellings in ``raw`` (in place) to their family keys; returns new key -> old spelling."""
+    spelled: dict[str, str] = {}
+    for old, new in aliases.items():
+        section, key = old.split(".", 1)
+        block = raw.get(section)
+        if not isinstance(block, dict) or key not in block:
+            continue
+        new_section, new_key = new.split(".", 1)
+        target = raw.setdefault(new_section, {})
+        if target is None:
+            target = raw[new_section] = {}
+        if not isinstance(target, dict):
+            raise ConfigError(f"{new_section}: expected a mapping of keys, got {_describe(target)}")
+        if new_key in target:
+            raise ConfigError(f"{old} and {new} are the same key (the old and the new spelling): set one")
+        target[new_key] = block.pop(key)
+        spelled[new] = old
+    return spelled
+
+
 def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from a nested dict, rejecting unknown keys and wrong types."""
+    """Build a RunConfig from a nested dict, rejecting unknown keys and wrong types.
+
+    Top-level sections are the generic ones and those of the registered model families; old
+    spellings of family keys (``data.text_len``) are read as the family's (``wan.text_len``).
+    """
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of sections")
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    found, aliases = _family_index()
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    spelled = _move_aliases(raw, aliases)
     hints = typing.get_type_hints(RunConfig)
-    built = {}
+    built, family_sections = {}, {}
     for key, value in raw.items():
-        if key not in sections:
-            raise ConfigError(f"unknown config section '{key}' (known: {', '.join(sections)})")
-        built[key] = _build_section(key, hints[key], value)
-    return RunConfig(**built)
+        if key in GENERIC_SECTIONS:
+            built[key] = _build_section(key, hints[key], value)
+        elif key in found and found[key].section is not None:
+            family_sections[key] = _build_section(key, found[key].section, value)
+        else:
+            known = [*GENERIC_SECTIONS, *sorted(n for n, f in found.items() if f.section is not None)]
+            raise ConfigError(f"unknown config section '{key}' (known: {', '.join(known)})")
+    cfg = RunConfig(**built)
+    cfg.family_sections = family_sections
+    for section, value in raw.items():
+        if isinstance(value, dict):
+            for key in value:
+                full = f"{section}.{key}"
+                cfg.explicit[full] = spelled.get(full, full)
+    return cfg
+
+
+def _value_of(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _default_of(cfg: RunConfig, key: str) -> Any:
+    section, name = key.split(".", 1)
+    obj = getattr(cfg, section)
+    return getattr(type(obj)(), name)
+
+
+def family_from_config(cfg: RunConfig):
+    """The run's family as far as it is known now: ``model.path``'s model type, else the family of
+    the ``data.generate`` generator that will write it (``None`` when neither tells yet)."""
+    from openspeed.models.families import family_of_model_dir, generator
+
+    from_model = family_of_model_dir(cfg.model.path) if cfg.model.path else None
+    if cfg.data.generate:
+        gen_family, _ = generator(cfg.data.generate)
+        if from_model is not None and from_model.name != gen_family.name:
+            raise ConfigError(
+                f"data.generate={cfg.data.generate} makes {gen_family.name} data, but model.path "
+                f"{cfg.model.path} is a {from_model.name} model"
+            )
+        return from_model or gen_family
+    return from_model
+
+
+def bind_family(cfg: RunConfig, family, run_config: bool = False) -> None:
+    """Make ``family`` the run's: give it its section, and refuse what it cannot honour.
+
+    One-line errors: a key of another family's section (in any spelling), a ``model.freeze`` part the
+    family does not define, a generic key the family refuses, a ``data.generate_*`` key the chosen
+    generator does not read. ``run_config``: the config.yaml of an earlier run, which earlier versions
+    wrote with every key at its default; keys of other families left at their defaults are dropped.
+    """
+    from openspeed.models.families import LEGACY_LORA_TARGETS, generator
+
+    for name in list(cfg.family_sections):
+        if name == family.name:
+            continue
+        keys = [k for k in cfg.explicit if k.startswith(f"{name}.")]
+        if run_config:
+            keys = [k for k in keys if _value_of(cfg, k) != _default_of(cfg, k)]
+        if keys:
+            raise ConfigError(
+                f"{cfg.explicit[keys[0]]}: a {name} key, but this run's model ({cfg.model.path or 'model.path'}) "
+                f"is a {family.name} model"
+            )
+        del cfg.family_sections[name]
+        for k in [k for k in cfg.explicit if k.startswith(f"{name}.")]:
+            del cfg.explicit[k]
+    if family.section is not None and family.name not in cfg.family_sections:
+        cfg.family_sections[family.name] = family.section()
+    for part in cfg.model.freeze:
+        if part not in family.parts:
+            raise ConfigError(
+                f"model.freeze: unknown part '{part}' for a {family.name} model (choose from {', '.join(family.parts)})"
+            )
+    for key, why in family.refused.items():
+        if _value_of(cfg, key) != _default_of(cfg, key):
+            raise ConfigError(f"{key}: not available for {family.name} runs ({why})")
+    if cfg.data.generate:
+        _, gen = generator(cfg.data.generate)
+        for key in (f.name for f in dataclasses.fields(DataConfig)):
+            if key.startswith("generate_") and key not in ("generate_dir", "generate_num") and key not in gen.keys:
+                if _value_of(cfg, f"data.{key}") != _default_of(cfg, f"data.{key}"):
+                    raise ConfigError(f"data.{key}: the {gen.name} generator does not read it")
+    targets = list(cfg.model.lora.targets)
+    if not targets or (targets == list(LEGACY_LORA_TARGETS) and tuple(family.lora_targets) != LEGACY_LORA_TARGETS):
+        cfg.model.lora.targets = list(family.lora_targets)
+    section = cfg.family_sections.get(family.name)
+    if section is not None and hasattr(section, "check"):
+        section.check()
+    if getattr(family, "check", None) is not None:
+        family.check(cfg)
+    cfg.family = family.name
+
+
+def bind_known_family(cfg: RunConfig, run_config: bool = False) -> None:
+    """:func:`bind_family` with the family :func:`family_from_config` finds, if it finds one."""
+    family = family_from_config(cfg)
+    if family is not None:
+        bind_family(cfg, family, run_config=run_config)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -414,8 +548,13 @@ def load_yaml(path: str) -> dict[str, Any]:
     return raw or {}
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read ``path`` (may be None for all defaults), apply ``key=value`` overrides, validate types."""
+def load_config(path: str | None, overrides: list[str] | None = None, run_config: bool = False) -> RunConfig:
+    """Read ``path`` (may be None for all defaults), apply ``key=value`` overrides, validate types.
+
+    When the run's model family is known already (its model directory exists, or ``data.generate``
+    names its generator) the config is bound to it (:func:`bind_family`); ``run_config`` reads the
+    config.yaml an earlier run wrote (see there).
+    """
     raw = load_yaml(path) if path else {}
     for item in overrides or []:
         key, value = parse_override(item)
@@ -425,6 +564,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> RunConf
     if path:
         _resolve_paths(cfg, os.path.dirname(os.path.abspath(path)))
     check_values(cfg)
+    bind_known_family(cfg, run_config=run_config)
     return cfg
 
 
@@ -472,11 +612,13 @@ def check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last: must be at least 1, got {cfg.checkpoint.keep_last}")
-    for part in cfg.model.freeze:
-        if part not in ("vision", "merger", "llm"):
-            raise ConfigError(f"model.freeze: unknown part '{part}' (choose from vision, merger, llm)")
-    _check_video_values(cfg)
+    _check_lora_values(cfg)
     cfg.memory.check()
+    if cfg.train.ema_decay is not None and not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {cfg.train.ema_decay}")
+    for section in cfg.family_sections.values():
+        if hasattr(section, "check"):
+            section.check()
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
@@ -484,33 +626,17 @@ def check_values(cfg: RunConfig) -> None:
         )
 
 
-def _check_video_values(cfg: RunConfig) -> None:
-    """Range checks of the video-generation (Wan) keys."""
-    lora, data, train = cfg.model.lora, cfg.data, cfg.train
+def _check_lora_values(cfg: RunConfig) -> None:
+    lora = cfg.model.lora
     if lora.rank < 0:
         raise ConfigError(f"model.lora.rank: must not be negative, got {lora.rank}")
     if lora.alpha is not None and not lora.alpha > 0:
         raise ConfigError(f"model.lora.alpha: must be positive, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
-    if lora.rank and not lora.targets:
-        raise ConfigError("model.lora.targets: give at least one module-name pattern")
     for pattern in lora.targets:
         if not isinstance(pattern, str) or not pattern.strip():
             raise ConfigError(f"model.lora.targets: '{pattern}' is not a module-name pattern")
-    for bucket in data.video_buckets:
-        if not re.fullmatch(r"\s*[1-9]\d*x[1-9]\d*x[1-9]\d*\s*", str(bucket).lower()):
-            raise ConfigError(f"data.video_buckets: '{bucket}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")
-    if data.frame_interval < 1:
-        raise ConfigError(f"data.frame_interval: must be at least 1, got {data.frame_interval}")
-    if data.text_len < 1:
-        raise ConfigError(f"data.text_len: must be at least 1, got {data.text_len}")
-    if not 0 <= data.caption_dropout < 1:
-        raise ConfigError(f"data.caption_dropout: must be in [0, 1), got {data.caption_dropout}")
-    if train.ema_decay is not None and not 0 <= train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {train.ema_decay}")
-    if not train.flow_shift > 0:
-        raise ConfigError(f"train.flow_shift: must be positive, got {train.flow_shift}")
 
 
 def resolve_layout(cfg: RunConfig, world_size: int) -> dict[str, int]:
@@ -539,6 +665,7 @@ def resolve_layout(cfg: RunConfig, world_size: int) -> dict[str, int]:
 
 
 def dump_yaml(cfg: RunConfig, path: str) -> None:
+    """Write the resolved config (generic sections and the family's) as YAML."""
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 

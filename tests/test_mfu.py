@@ -36,12 +36,12 @@ def test_batch_flops_follow_the_formula_and_ignore_the_layout(shapes_dir, tmp_pa
         n = int(one["attention_mask"].sum())
         placeholders = int((one["input_ids"] == config.image_token_id).sum())
         expected += sum(flops_breakdown(config, n - placeholders, one["image_grid_thw"], None, [n]).values())
-    assert task.flops(spec, config, padded) == pytest.approx(expected, rel=1e-12)
+    assert task.batch_flops(spec, config, padded) == pytest.approx(expected, rel=1e-12)
     # Padding adds nothing; packing the same samples into one row counts the same work.
     packed_task, _, _ = _task(shapes_dir, tmp_path / "packed", packing=True)
     packed = packed_task.load_batch(packed_task.train_set, indices)
     assert packed["input_ids"].shape[0] == 1
-    assert packed_task.flops(spec, config, packed) == pytest.approx(expected, rel=1e-12)
+    assert packed_task.batch_flops(spec, config, packed) == pytest.approx(expected, rel=1e-12)
     # Attention is part of it: one long sequence would cost more than three short ones.
     n_all = int(padded["attention_mask"].sum())
     text = n_all - int((padded["input_ids"] == config.image_token_id).sum())
@@ -77,6 +77,6 @@ def test_trainer_logs_tflops_and_mfu(shapes_dir, tmp_path):
     schedule = GlobalBatchSchedule(len(task.train_set), cfg.train.global_batch_size, cfg.train.seed)
     for record in steps:
         micro = schedule.micro_batches(record["step"], 0, 1, cfg.train.micro_batch_size)
-        flops = sum(task.flops(spec, model_config, task.load_batch(task.train_set, idx)) for idx in micro)
+        flops = sum(task.batch_flops(spec, model_config, task.load_batch(task.train_set, idx)) for idx in micro)
         assert record["tflops"] * 1e12 * record["step_time_s"] == pytest.approx(flops, rel=1e-6)
         assert record["mfu"] == pytest.approx(record["tflops"] / 0.5, rel=1e-9)

@@ -21,10 +21,10 @@ from openspeed.data.collator import VLCollator
 from openspeed.data.conversation import ConversationDataset
 from openspeed.data.processor import VLProcessor
 from openspeed.lora import LoRALinear, lora_modules, merge_lora
-from openspeed.lora.training import load_lora_run
 from openspeed.models.loading import load_hf_state_dict
 from openspeed.training.init import init_weights
 from openspeed.training.model_setup import model_config_from_run
+from openspeed.training.run_loading import load_lora_run
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -170,7 +170,7 @@ def test_lora_layouts_match_one_process(layout, lora_run, shapes_dir, tmp_path):
 def test_bad_lora_settings_are_one_clear_error(shapes_dir, tmp_path):
     from openspeed.config import load_config
     from openspeed.errors import ConfigError
-    from openspeed.lora.training import add_adapters
+    from openspeed.lora import add_adapters
 
     cfg = RunConfig()
     cfg.model.path = os.path.join(shapes_dir, "model")
@@ -180,10 +180,10 @@ def test_bad_lora_settings_are_one_clear_error(shapes_dir, tmp_path):
     with torch.device("meta"):
         model = spec.build(config)
     with pytest.raises(ConfigError, match=r"^model.lora.targets: 'qkv_nope' matches no linear layer of the model$"):
-        add_adapters(model, spec, cfg)
+        add_adapters(model, spec, cfg.model.lora)
     # Hugging Face spellings and globs name the same layers as native ones.
     cfg.model.lora.targets = ["model.visual.blocks.1.attn.qkv", "language_model.layers.*.mlp.down_proj"]
-    assert add_adapters(model, spec, cfg) == ["visual.blocks.1.attn.qkv"] + [
+    assert add_adapters(model, spec, cfg.model.lora) == ["visual.blocks.1.attn.qkv"] + [
         f"language_model.layers.{i}.mlp.down_proj" for i in range(config.text.num_hidden_layers)
     ]
     # A head tied to the embedding cannot carry its own update.
@@ -192,7 +192,7 @@ def test_bad_lora_settings_are_one_clear_error(shapes_dir, tmp_path):
         tied = spec.build(config)
     cfg.model.lora.targets = ["lm_head"]
     with pytest.raises(ConfigError, match=r"^model.lora.targets: lm_head is tied to the input embedding"):
-        add_adapters(tied, spec, cfg)
+        add_adapters(tied, spec, cfg.model.lora)
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  lora:\n    rank: 4\n    dropout: 1.0\n")
     with pytest.raises(ConfigError, match=r"^model.lora.dropout: must be in \[0, 1\), got 1.0$"):

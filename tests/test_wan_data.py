@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from openspeed.config import load_config
-from openspeed.data.moving_shapes import (
+from openspeed.errors import BadSampleError, ConfigError
+from openspeed.models.wan.moving_shapes import (
     eval_prompts,
     make_moving_shapes,
     render_clip,
@@ -22,7 +23,6 @@ from openspeed.data.moving_shapes import (
     summarise_scores,
     vocabulary,
 )
-from openspeed.errors import BadSampleError, ConfigError
 
 FRAMES, HEIGHT, WIDTH = 5, 16, 32
 TEXT_LEN = 8
@@ -30,7 +30,7 @@ TEXT_LEN = 8
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    from openspeed.data.wan_pipeline import write_tiny_wan_pipeline
+    from openspeed.models.wan.pipeline_io import write_tiny_wan_pipeline
 
     out = tmp_path_factory.mktemp("wan_pipe")
     return str(write_tiny_wan_pipeline(out, words=vocabulary(), seed=1,
@@ -85,7 +85,7 @@ def test_checker_scores_ground_truth_and_rejects_reversed_and_static():
 
 def test_video_dataset_decodes_buckets_and_skips_bad_samples(tmp_path, clips, pipeline):
     from openspeed.data.video_text import VideoTextDataset, choose_bucket, write_video
-    from openspeed.tasks.wan_flow_matching import WanFlowMatchingTask
+    from openspeed.models.wan.task import WanFlowMatchingTask
 
     # Lossless clips decode to exactly what was rendered.
     dataset = VideoTextDataset(clips, [(FRAMES, HEIGHT, WIDTH)])
@@ -143,11 +143,11 @@ def test_video_dataset_decodes_buckets_and_skips_bad_samples(tmp_path, clips, pi
 
 
 def test_config_errors_are_one_line(pipeline, clips):
-    from openspeed.tasks.wan_flow_matching import WanFlowMatchingTask
+    from openspeed.models.wan.task import WanFlowMatchingTask
 
     with pytest.raises(ConfigError, match="1 \\+ 4k"):
         WanFlowMatchingTask(_cfg(pipeline, clips, "data.video_buckets=4x16x32"))
-    with pytest.raises(ConfigError, match="model.vae=identity"):
+    with pytest.raises(ConfigError, match="wan.vae=identity"):
         WanFlowMatchingTask(_cfg(pipeline, clips, "model.vae=identity"))
     for override, match in [("data.video_buckets=5x16", "FRAMESxHEIGHTxWIDTH"), ("model.lora.rank=-1", "lora.rank"),
                             ("train.ema_decay=1", "ema_decay"), ("data.caption_dropout=1", "caption_dropout")]:
@@ -164,8 +164,8 @@ def test_captions_and_guided_sampling_match_diffusers_pipeline(pipeline):
     from diffusers import WanPipeline
 
     import openspeed
-    from openspeed.data.wan_pipeline import load_frozen_parts
-    from openspeed.inference.wan_generate import sample_latents
+    from openspeed.models.wan.generate import sample_latents
+    from openspeed.models.wan.pipeline_io import load_frozen_parts
 
     reference = WanPipeline.from_pretrained(pipeline)
     reference.set_progress_bar_config(disable=True)
@@ -208,14 +208,14 @@ def test_captions_and_guided_sampling_match_diffusers_pipeline(pipeline):
 
 def test_flow_matching_loss_equals_hand_computed(pipeline, clips):
     import openspeed
-    from openspeed.tasks.wan_flow_matching import WanFlowMatchingTask, sample_generator, shift_sigma
+    from openspeed.models.wan.task import WanFlowMatchingTask, sample_generator, shift_sigma
 
     cfg = _cfg(pipeline, clips)
     task = WanFlowMatchingTask(cfg)
     model = openspeed.from_pretrained(f"{pipeline}/transformer")
     encoded = [task.encode_sample(s) for s in task.load_batch(task.train_set, [0, 1, 2, 3])]
     step = 7
-    got = task.loss(model, encoded, step, num_samples=5)
+    got = task.batch_loss(model, encoded, step, num_samples=5)
 
     expected, dropped = 0.0, 0
     for s in encoded:
@@ -237,7 +237,7 @@ def test_flow_matching_loss_equals_hand_computed(pipeline, clips):
     assert 0 < dropped < 4  # dropout 0.5: this seed drops some, not all
     assert float(shift_sigma(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
     # Same draws whatever the batch: one sample alone gives its share of the loss.
-    alone = task.loss(model, encoded[:1], step, num_samples=1) + task.loss(model, encoded[1:], step, num_samples=1)
+    alone = task.batch_loss(model, encoded[:1], step, num_samples=1) + task.batch_loss(model, encoded[1:], step, num_samples=1)
     assert float(alone) == pytest.approx(float(got) * 5, rel=1e-5)
 
 
@@ -245,7 +245,7 @@ def test_full_recompute_keeps_loss_and_gradients(pipeline, clips):
     import openspeed
     from openspeed.memory.recompute import apply_recompute
     from openspeed.models.wan.memory_plan import memory_plan
-    from openspeed.tasks.wan_flow_matching import WanFlowMatchingTask
+    from openspeed.models.wan.task import WanFlowMatchingTask
 
     task = WanFlowMatchingTask(_cfg(pipeline, clips))
     encoded = [task.encode_sample(s) for s in task.load_batch(task.train_set, [0, 1])]
@@ -255,7 +255,7 @@ def test_full_recompute_keeps_loss_and_gradients(pipeline, clips):
         if recompute:
             regions = apply_recompute(model, "full", plan=memory_plan(model))
             assert regions == ["blocks.0", "blocks.1"]
-        loss = task.loss(model, encoded, 1, 2)
+        loss = task.batch_loss(model, encoded, 1, 2)
         loss.backward()
         results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -272,9 +272,9 @@ def test_image_to_video_objective_and_sampling(tmp_path):
     from PIL import Image
 
     import openspeed
-    from openspeed.data.wan_pipeline import write_tiny_wan_pipeline
-    from openspeed.inference.wan_generate import TrainedDiT, generate_videos
-    from openspeed.tasks.wan_flow_matching import WanFlowMatchingTask
+    from openspeed.models.wan.generate import TrainedDiT, generate_videos
+    from openspeed.models.wan.pipeline_io import write_tiny_wan_pipeline
+    from openspeed.models.wan.task import WanFlowMatchingTask
 
     pipe = write_tiny_wan_pipeline(tmp_path / "i2v", image_to_video=True, words=vocabulary(), seed=2)
     clips = make_moving_shapes(tmp_path / "clips", 2, frames=FRAMES, height=HEIGHT, width=WIDTH, seed=4)
@@ -298,7 +298,7 @@ def test_image_to_video_objective_and_sampling(tmp_path):
     assert torch.allclose(encoded[1]["image"], task.parts.encode_image([green])[0])
     assert not torch.allclose(encoded[0]["image"], encoded[1]["image"], atol=1e-3)
     model = openspeed.from_pretrained(f"{pipe}/transformer")
-    loss = task.loss(model, encoded, 1, 2).detach()
+    loss = task.batch_loss(model, encoded, 1, 2).detach()
     assert torch.isfinite(loss) and float(loss) > 0
 
     trained = TrainedDiT(model, model.config, cfg, str(tmp_path), None, 0, False, [])

@@ -105,7 +105,7 @@ def _cp_checks(diffs: dict) -> None:
     import torch.distributed as dist
 
     from openspeed.distributed.context_parallel import ContextParallel
-    from openspeed.inference.wan_generate import sample_latents
+    from openspeed.models.wan.generate import sample_latents
     from openspeed.models.wan.parallelize import apply_context_parallel
 
     for kind, config in (("t2v", CP_T2V), ("i2v", CP_I2V)):
@@ -172,8 +172,8 @@ def _worker(rank: int, out_dir: str) -> None:
     from openspeed.config import load_config
     from openspeed.distributed.context_parallel import ContextParallel
     from openspeed.errors import ConfigError
-    from openspeed.inference.wan_generate import enable_context_parallel, generate_videos, load_trained_dit
-    from openspeed.training.dit_trainer import run_dit_training
+    from openspeed.models.wan.generate import enable_context_parallel, generate_videos, load_trained_dit
+    from openspeed.training.trainer import run_training
 
     with open(os.path.join(out_dir, "setup.json"), encoding="utf-8") as fh:
         setup = json.load(fh)
@@ -182,7 +182,7 @@ def _worker(rank: int, out_dir: str) -> None:
     _tp_checks(diffs)
     # The DiT trainer over two processes (the process group is the workers').
     for name, overrides in (("tp2", ["parallel.tp=2"]), ("cp2", ["parallel.cp=2"])):
-        run_dit_training(load_config(setup["config"], [*overrides, f"train.run_dir={out_dir}/{name}"]))
+        run_training(load_config(setup["config"], [*overrides, f"train.run_dir={out_dir}/{name}"]))
     # Distributed sampling from the one-process run: Ulysses over both ranks.
     trained = load_trained_dit(setup["reference"])
     enable_context_parallel(trained, ContextParallel.from_group(dist.group.WORLD, "ulysses"))
@@ -203,9 +203,9 @@ PROMPT = "a red square moves right"
 def results(tmp_path_factory):
     """Set up a tiny pipeline, train it 3 steps in this process (the reference), run the workers."""
     from openspeed.config import load_config
-    from openspeed.data.moving_shapes import make_moving_shapes, vocabulary
-    from openspeed.data.wan_pipeline import write_tiny_wan_pipeline
-    from openspeed.training.dit_trainer import run_dit_training
+    from openspeed.models.wan.moving_shapes import make_moving_shapes, vocabulary
+    from openspeed.models.wan.pipeline_io import write_tiny_wan_pipeline
+    from openspeed.training.trainer import run_training
 
     root = tmp_path_factory.mktemp("wan_parallel")
     pipeline = write_tiny_wan_pipeline(root / "pipe", words=vocabulary(), seed=4, transformer=dict(
@@ -223,7 +223,7 @@ def results(tmp_path_factory):
     }
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    run_dit_training(load_config(str(config)))
+    run_training(load_config(str(config)))
     setup = {"config": str(config), "reference": str(root / "ref"), "prompt": PROMPT}
     (root / "setup.json").write_text(json.dumps(setup))
     run_workers(_worker, 2, str(root))
@@ -253,7 +253,7 @@ def test_training_matches_one_process(results, layout):
 
 
 def test_distributed_sampling_matches_one_process(results):
-    from openspeed.inference.wan_generate import generate_videos, load_trained_dit
+    from openspeed.models.wan.generate import generate_videos, load_trained_dit
 
     ref = generate_videos(load_trained_dit(str(results / "ref")), [PROMPT], steps=2)
     got = torch.load(results / "videos_cp2.pt")

@@ -18,7 +18,7 @@ import torch
 import yaml
 from _train_utils import ROOT, read_metrics, run_train, train_losses
 
-from openspeed.data.moving_shapes import make_moving_shapes, vocabulary
+from openspeed.models.wan.moving_shapes import make_moving_shapes, vocabulary
 
 FRAMES, HEIGHT, WIDTH = 5, 16, 32
 
@@ -31,7 +31,7 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def wan_setup(tmp_path_factory):
-    from openspeed.data.wan_pipeline import write_tiny_wan_pipeline
+    from openspeed.models.wan.pipeline_io import write_tiny_wan_pipeline
 
     root = tmp_path_factory.mktemp("wan_train")
     pipeline = write_tiny_wan_pipeline(root / "pipe", words=vocabulary(), seed=4, transformer=dict(
@@ -79,7 +79,7 @@ def test_resumed_run_logs_every_step_and_saves_ema(reference_run):
     assert all(r["tokens_per_s"] > 0 and r["samples"] == 4 for r in records)
     assert os.path.isfile(os.path.join(reference_run, "loss.png"))
 
-    from openspeed.inference.wan_generate import load_trained_dit
+    from openspeed.models.wan.generate import load_trained_dit
 
     ema = load_trained_dit(reference_run, ema=True)
     raw = load_trained_dit(reference_run, ema=False)
@@ -134,7 +134,7 @@ def test_demo_config_smoke_and_generate(tmp_path):
     assert len(records) == 4 and all({"colour_ok", "direction_ok", "video", "frames"} <= set(r) for r in records)
     assert all(os.path.isfile(r["video"]) and os.path.isfile(r["frames"]) for r in records)
     assert "direction" in gen.stdout and "chance" in gen.stdout
-    from openspeed.inference.wan_generate import run_generate
+    from openspeed.models.wan.generate import run_generate
 
     one = run_generate(str(tmp_path / "run"), ["a red square moves right"], str(tmp_path / "one.mp4"), steps=2)
     (clip,) = one["clips"]
@@ -148,9 +148,9 @@ def test_lora_adapter_loads_in_peft_and_merges(wan_setup, tmp_path):
     peft = pytest.importorskip("peft")
     from diffusers import WanTransformer3DModel
 
-    from openspeed.inference.wan_export import export_wan
-    from openspeed.inference.wan_generate import load_trained_dit
     from openspeed.lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+    from openspeed.models.wan.export import export_wan
+    from openspeed.models.wan.generate import load_trained_dit
 
     root, pipeline, clips = wan_setup
     config = _config(root, pipeline, clips, "lora", model={"path": pipeline, "lora": {

@@ -36,10 +36,10 @@ def parse_buckets(values: Sequence[str]) -> list[Bucket]:
     for value in values:
         parts = str(value).lower().split("x")
         if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"data.video_buckets: '{value}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")
+            raise ConfigError(f"wan.video_buckets: '{value}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")
         buckets.append(tuple(int(p) for p in parts))  # type: ignore[arg-type]
     if not buckets:
-        raise ConfigError("data.video_buckets: give at least one FRAMESxHEIGHTxWIDTH bucket")
+        raise ConfigError("wan.video_buckets: give at least one FRAMESxHEIGHTxWIDTH bucket")
     return buckets
 
 

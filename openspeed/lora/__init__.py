@@ -24,12 +24,14 @@ from openspeed.lora.peft_format import (
     peft_adapter_config,
     save_peft_adapter,
 )
+from openspeed.lora.training import add_adapters
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "LoRALinear",
     "adapter_view",
+    "add_adapters",
     "apply_lora",
     "init_lora",
     "is_lora_param",

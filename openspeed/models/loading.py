@@ -7,6 +7,7 @@ diffusers directories (a ``config.json`` naming its ``_class_name`` instead of a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,28 @@ def hf_model_type(hf_config: dict[str, Any], path: str | Path) -> str:
     if model_type is None and isinstance(class_name, str):
         return class_name
     raise ConfigError(f"{Path(path) / CONFIG_NAME} has no model_type")
+
+
+def model_dir(path: str) -> str:
+    """The folder holding the model's ``config.json``: ``path``, or a diffusers pipeline's ``transformer/``."""
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(
+        os.path.join(path, "model_index.json")
+    ):
+        return os.path.join(path, "transformer")
+    return path
+
+
+def model_config_from_run(cfg):
+    """``(spec, native config)`` of a run config's ``model.path``, with run-level overrides applied."""
+    from openspeed.models.registry import get_model_spec
+
+    path = model_dir(cfg.model.path)
+    hf_config = read_hf_config(path)
+    spec = get_model_spec(hf_model_type(hf_config, path))
+    config = spec.config_from_hf(hf_config)
+    if cfg.model.rope_theta is not None:
+        spec.set_rope_theta(config, cfg.model.rope_theta)
+    return spec, config
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:

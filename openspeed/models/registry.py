@@ -11,10 +11,6 @@ from torch import nn
 
 from openspeed.errors import ConfigError
 
-# Packages whose import registers their model; imported on first lookup so that importing the
-# registry stays cheap and free of import cycles.
-_BUILTIN_MODEL_PACKAGES = ("openspeed.models.qwen2_5_vl", "openspeed.models.wan")
-
 
 @dataclass(frozen=True)
 class PipelinePlan:
@@ -59,6 +55,15 @@ class ModelSpec:
         pipeline: the :class:`PipelinePlan`, or ``None`` when the family has none.
         memory_plan: ``model -> openspeed.memory.MemoryPlan``: the layer stacks and their attention /
             MLP / norm modules that recomputation and activation offload act on (``None``: none).
+        task: ``(run_config, device, model_config) -> task``: the family's training task (samples ->
+            batches -> loss, counts, FLOPs, evaluation; see :mod:`openspeed.tasks.base`).
+        module_name_to_ref: native module name -> the reference library's (``None``: the same). LoRA
+            targets may use either spelling, and adapters are written in the reference's.
+        check_layout: ``(run_config, sizes)``; one-line ``ConfigError`` for a parallel layout the
+            family's plans cannot run (``None``: every layout the generic checks allow).
+        export: ``(run_dir_or_checkpoint, out_dir, *, to, merge_lora, ema, max_shard_size_bytes)
+            -> message``: ``openspeed convert`` of the family's runs (``None``: the Hugging Face
+            transformers-format export of :mod:`openspeed.training.export`).
     """
 
     name: str
@@ -75,8 +80,12 @@ class ModelSpec:
     set_rope_theta: Callable[[Any, float], None]
     part_of: Callable[[str], str]
     parallelize: Callable[..., nn.Module]
+    task: Callable[..., Any]
     pipeline: PipelinePlan | None = None
     memory_plan: Callable[[nn.Module], Any] | None = None
+    module_name_to_ref: Callable[[str], str] | None = None
+    check_layout: Callable[[Any, dict], None] | None = None
+    export: Callable[..., str] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -93,10 +102,13 @@ def register_model(spec: ModelSpec) -> None:
 
 
 def _load_builtins() -> None:
+    """Import every registered family's spec module (found by :mod:`openspeed.models.families`)."""
     global _builtins_loaded
     if not _builtins_loaded:
-        for package in _BUILTIN_MODEL_PACKAGES:
-            importlib.import_module(package)
+        from openspeed.models.families import families
+
+        for family in families():
+            importlib.import_module(family.spec_module)
         _builtins_loaded = True
 
 

@@ -1,14 +1,26 @@
-"""Vision-language supervised fine-tuning: conversations in, next-token loss on assistant replies."""
+"""Vision-language supervised fine-tuning: conversations in, next-token loss on assistant replies.
+
+Evaluation: token-mean validation loss and greedy-decoding exact-match accuracy; at the end of a run
+with ``train.eval_blank_images`` the same questions with blank images (the control that shows the
+answers come from the images).
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from openspeed.config import RunConfig
+from openspeed.distributed.context_parallel.modules import suspended as cp_suspended
+from openspeed.distributed.fsdp import gathered_parameters
+from openspeed.distributed.tensor_parallel import loss_context, plain_tensor
 from openspeed.errors import BadSampleError, DataError
+from openspeed.tasks.base import EvalContext
 from openspeed.tasks.samples import usable_samples
 
 MODEL_INPUTS = (
@@ -25,15 +37,34 @@ MODEL_INPUTS = (
 )
 
 
-class VLMTask:
-    """Owns the processor, datasets and collator; turns sample indices into model batches."""
+def _all_reduce(*values: float, group) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, group=group)
+    return tensor.tolist()
 
-    def __init__(self, cfg: RunConfig):
+
+class VLMTask:
+    """Owns the processor, datasets and collator; turns sample indices into model batches.
+
+    ``spec`` / ``model_config``: the model's (read from ``model.path`` when not given), for FLOPs.
+    """
+
+    count_name = "target_tokens"
+    cp_splits_loss = True
+    uneven_forwards = False
+
+    def __init__(self, cfg: RunConfig, device: torch.device | None = None, model_config=None, spec=None):
         from openspeed.data.collator import VLCollator
         from openspeed.data.conversation import ConversationDataset
         from openspeed.data.processor import VLProcessor
 
+        if model_config is None or spec is None:
+            from openspeed.models.loading import model_config_from_run
+
+            spec, model_config = model_config_from_run(cfg)
         self.cfg = cfg
+        self.spec, self.model_config = spec, model_config
+        self.device = device or torch.device("cpu")
         self.processor = VLProcessor.from_pretrained(cfg.model.path)
         self.train_set = ConversationDataset(cfg.data.train_path, self.processor, cfg.data.max_seq_len)
         self.val_set = (
@@ -89,8 +120,28 @@ class VLMTask:
 
         return count_label_tokens(batch)
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.processor.pad_token_id
+
+    def configure_context_parallel(self, cp) -> None:
+        """Every batch's length must split evenly over the cp layout (zigzag chunks for ring / hybrid)."""
+        self.collator.pad_to_multiple_of = math.lcm(self.collator.pad_to_multiple_of or 1, cp.seq_multiple)
+
+    def annotate(self, batch: dict[str, Any]) -> None:
+        """Count the batch's FLOPs where it is loaded (it reads the mask on the host)."""
+        batch["flops"] = self.batch_flops(self.spec, self.model_config, batch)
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        if "flops" not in batch:
+            self.annotate(batch)
+        return batch["flops"]
+
+    def forwards(self, batch: dict[str, Any], step: int) -> list[dict[str, Any]]:
+        return [batch]
+
     @staticmethod
-    def flops(spec, config, batch: dict[str, Any]) -> float:
+    def batch_flops(spec, config, batch: dict[str, Any]) -> float:
         """Analytic training FLOPs of one batch (vision tower + LLM, attention included; ``spec.flops``).
 
         Attention is counted over each sample's real tokens: the rows of a padded batch, the
@@ -120,8 +171,95 @@ class VLMTask:
     def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
-    def loss(self, model: nn.Module, batch: dict[str, Any], num_items: int) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: dict[str, Any], num_items: int, step: int = 0) -> torch.Tensor:
         """Sum of this batch's token losses divided by the global target count ``num_items``."""
+        batch = self.to_device(batch, self.device)
         inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
         out = model(**inputs, num_items_in_batch=max(1, num_items), return_logits=False)
         return out.loss
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_indices(self) -> list[int]:
+        n = len(self.val_set)
+        if self.cfg.train.eval_max_samples is not None:
+            n = min(n, self.cfg.train.eval_max_samples)
+        return list(range(n))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any]:
+        """Validation: token-mean loss and greedy-decoding exact-match accuracy (every cp rank on
+        whole sequences).
+
+        The loss pass runs the same number of batches on every rank (sharded forwards need all ranks);
+        decoding runs with the parameters gathered, so each rank answers its share at its own pace.
+        The record keeps the full scores under ``"scores"`` (not logged) for :meth:`final_report`.
+        """
+        cfg = self.cfg
+        indices = self._eval_indices()
+        mbs = cfg.train.micro_batch_size
+        per_round = mbs * ctx.dp_size
+        rounds = math.ceil(len(indices) / per_round)
+        was_training = model.training
+        model.eval()
+        loss_sum, targets = 0.0, 0
+        with cp_suspended():
+            for r in range(rounds):
+                chunk = indices[r * per_round : (r + 1) * per_round]
+                mine = chunk[ctx.dp_rank * mbs : (ctx.dp_rank + 1) * mbs]
+                batch = self.load_batch(self.val_set, mine)
+                count = self.count_targets(batch)
+                with ctx.acc.autocast(cfg.train.precision), loss_context(model):
+                    loss = self.loss(model, batch, 1)  # a plain sum over this batch's target tokens
+                loss_sum += float(plain_tensor(loss))
+                targets += count
+            if was_training:
+                model.train()
+            total, count = _all_reduce(loss_sum, targets, group=ctx.dp_group)
+            scores = self.vqa_scores(model, ctx, indices)
+        return {"val_loss": total / max(1.0, count), "val_target_tokens": int(count),
+                "val_accuracy": scores["accuracy"], "val_accuracy_n": scores["n"], "scores": scores}
+
+    @torch.no_grad()
+    def vqa_scores(self, model: nn.Module, ctx: EvalContext, indices: list[int], blank_images: bool = False) -> dict:
+        """Greedy answers to the validation questions at ``indices``, scored on every rank."""
+        from openspeed.eval.vqa import chance_accuracy, evaluate_vqa, score_predictions
+
+        cfg = self.cfg
+        mine = indices[ctx.dp_rank::ctx.dp_size]
+        with gathered_parameters(model, cfg.parallel.zero_stage), ctx.acc.autocast(cfg.train.precision):
+            local = evaluate_vqa(model, self.processor, self.val_set, mine,
+                                 batch_size=max(8, cfg.train.micro_batch_size), blank_images=blank_images)
+        parts: list = [None] * ctx.dp_size
+        keep = ("predictions", "answers", "qtypes", "skipped")
+        dist.all_gather_object(parts, {k: local[k] for k in keep}, group=ctx.dp_group)
+        predictions = [p for part in parts for p in part["predictions"]]
+        answers = [a for part in parts for a in part["answers"]]
+        qtypes = [q for part in parts for q in part["qtypes"]]
+        scores = score_predictions(predictions, answers, qtypes)
+        scores["chance_accuracy"] = chance_accuracy(answers, qtypes)
+        scores["skipped"] = sum(part["skipped"] for part in parts)
+        return scores
+
+    def final_report(self, model: nn.Module, ctx: EvalContext, final_eval: dict[str, Any]) -> dict[str, Any]:
+        """The held-out line (``train.eval_blank_images``): the final validation's answers beside the
+        same questions with blank images, per question type."""
+        report: dict[str, Any] = {"metrics": {}, "summary": {}, "lines": []}
+        real = final_eval.get("scores")
+        if real is None or not self.cfg.train.eval_blank_images:
+            return report
+        with cp_suspended():
+            blank = self.vqa_scores(model, ctx, self._eval_indices(), blank_images=True)
+        report["metrics"] = {"heldout_accuracy": real["accuracy"], "heldout_per_type": real["per_type"],
+                             "heldout_chance": real["chance_accuracy"], "heldout_blank_accuracy": blank["accuracy"],
+                             "heldout_n": real["n"]}
+        report["summary"] = {"heldout_accuracy": real["accuracy"], "heldout_blank_accuracy": blank["accuracy"],
+                             "heldout_chance": real["chance_accuracy"], "heldout_n": real["n"]}
+        for qtype in sorted(real["per_type"]):
+            report["lines"].append(f"  {qtype:<10} accuracy {real['per_type'][qtype]:.3f} "
+                                   f"(blank-image {blank['per_type'].get(qtype, 0.0):.3f}, "
+                                   f"n={real['per_type_n'][qtype]})")
+        report["lines"].append(f"held-out accuracy: {real['accuracy']:.3f} (chance {real['chance_accuracy']:.3f}, "
+                               f"blank-image {blank['accuracy']:.3f}, n={real['n']}, "
+                               f"{time.perf_counter() - ctx.started:.0f} s)")
+        return report

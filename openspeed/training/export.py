@@ -101,12 +101,19 @@ def _remove_old_weights(out: Path) -> None:
             path.unlink()
 
 
-def _load_merged(run_dir_or_checkpoint: str, merge_lora: bool) -> TrainedModel:
-    """The run's model as a plain one: a LoRA run's adapters folded into their base weights."""
+def _load_merged(run_dir_or_checkpoint: str, merge_lora: bool, ema: bool = False) -> TrainedModel:
+    """The run's model as a plain one: a LoRA run's adapters folded into their base weights; with
+    ``ema`` the checkpoint's EMA weights instead of the trained ones."""
     from openspeed.lora import lora_modules
     from openspeed.lora import merge_lora as merge
+    from openspeed.training.ema import ema_keys, load_ema_weights
 
     trained = load_trained(run_dir_or_checkpoint, device="cpu")  # a LoRA run: base + adapters
+    if ema:
+        if trained.checkpoint is None or not ema_keys(trained.checkpoint):
+            raise CheckpointError(f"--ema: run {trained.run_dir} has no checkpoint with EMA weights "
+                                  "(train.ema_decay was not set)")
+        load_ema_weights(trained.model, trained.checkpoint)
     if lora_modules(trained.model):
         merge(trained.model)
     elif merge_lora:
@@ -129,6 +136,7 @@ def export_hf(
     out_dir: str | os.PathLike,
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
     merge_lora: bool = False,
+    ema: bool = False,
 ) -> Path:
     """Write the run's latest (or the given) checkpoint to ``out_dir`` in Hugging Face format.
 
@@ -142,7 +150,7 @@ def export_hf(
     """
     if max_shard_size_bytes < 1:
         raise ValueError(f"max_shard_size_bytes must be positive, got {max_shard_size_bytes}")
-    trained = _load_merged(run_dir_or_checkpoint, merge_lora)
+    trained = _load_merged(run_dir_or_checkpoint, merge_lora, ema)
     model_dir = Path(trained.run_config.model.path)
     out = Path(out_dir)
     _check_target(out, model_dir)
@@ -187,9 +195,9 @@ def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
     """
     from openspeed.errors import ConfigError
     from openspeed.lora import lora_state_dict, save_peft_adapter
-    from openspeed.lora.training import hf_module_name, load_lora_run, run_config_of
-    from openspeed.training.model_setup import model_config_from_run
-    from openspeed.training.model_setup import model_dir as resolve_model_dir
+    from openspeed.models.loading import model_config_from_run
+    from openspeed.models.loading import model_dir as resolve_model_dir
+    from openspeed.training.run_loading import load_lora_run, run_config_of
 
     # Checked before the model is built: the base must be model.path's weights as they are.
     cfg = run_config_of(run_dir_or_checkpoint)
@@ -219,6 +227,33 @@ def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
     lora = cfg.model.lora
     save_peft_adapter(
         out, lora_state_dict(trained.model), lora.rank, lora.alpha if lora.alpha is not None else lora.rank,
-        hf_module_name(spec), base_model_name_or_path=os.path.abspath(cfg.model.path), dropout=lora.dropout,
+        spec.module_name_to_ref, base_model_name_or_path=os.path.abspath(cfg.model.path), dropout=lora.dropout,
     )
     return out
+
+
+def export_run(run_dir_or_checkpoint: str, out_dir: str | os.PathLike, *, to: str | None = None,
+               merge_lora: bool = False, ema: bool | None = None,
+               max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE) -> str:
+    """``openspeed convert``: the run's family's export (``spec.export``), or, for families without
+    one, the transformers-format model (``to="hf"``, LoRA merged) or the peft adapter (``to="peft"``).
+    Returns the line to print."""
+    from openspeed.errors import OpenSpeedError
+    from openspeed.models.loading import model_config_from_run
+    from openspeed.training.run_loading import run_config_of
+
+    spec, _ = model_config_from_run(run_config_of(run_dir_or_checkpoint))
+    if spec.export is not None:
+        return spec.export(run_dir_or_checkpoint, out_dir, to=to, merge_lora=merge_lora, ema=ema,
+                           max_shard_size_bytes=max_shard_size_bytes)
+    if to == "peft":
+        if merge_lora:
+            raise OpenSpeedError("--merge-lora writes the merged model (--to hf), not a peft adapter")
+        if ema:
+            raise OpenSpeedError("--ema: a peft adapter holds the trained adapters; export the EMA with --to hf")
+        return f"wrote a LoRA adapter (peft format) to {export_peft(run_dir_or_checkpoint, out_dir)}"
+    if to is None and not merge_lora:
+        raise OpenSpeedError("openspeed convert: the following arguments are required: --to")
+    out = export_hf(run_dir_or_checkpoint, out_dir, max_shard_size_bytes=max_shard_size_bytes,
+                    merge_lora=merge_lora, ema=bool(ema))
+    return f"wrote a Hugging Face-format model to {out}"

@@ -12,29 +12,9 @@ from torch import nn
 from openspeed.config import RunConfig
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.errors import CheckpointError, ConfigError
-from openspeed.models.loading import has_hf_weights, hf_model_type, load_hf_state_dict, read_hf_config
-from openspeed.models.registry import ModelSpec, get_model_spec
+from openspeed.models.loading import has_hf_weights, load_hf_state_dict, model_config_from_run, model_dir
+from openspeed.models.registry import ModelSpec
 from openspeed.training.init import copy_full_into, init_weights
-
-
-def model_dir(path: str) -> str:
-    """The folder holding the model's ``config.json``: ``path``, or a diffusers pipeline's ``transformer/``."""
-    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
-        os.path.join(path, "model_index.json")
-    ):
-        return os.path.join(path, "transformer")
-    return path
-
-
-def model_config_from_run(cfg: RunConfig) -> tuple[ModelSpec, object]:
-    """The model spec and native config for ``cfg.model.path``, with run-level overrides applied."""
-    path = model_dir(cfg.model.path)
-    hf_config = read_hf_config(path)
-    spec = get_model_spec(hf_model_type(hf_config, path))
-    config = spec.config_from_hf(hf_config)
-    if cfg.model.rope_theta is not None:
-        spec.set_rope_theta(config, cfg.model.rope_theta)
-    return spec, config
 
 
 def apply_freeze(model: nn.Module, spec: ModelSpec, parts: list[str]) -> int:
@@ -49,21 +29,34 @@ def apply_freeze(model: nn.Module, spec: ModelSpec, parts: list[str]) -> int:
 
 def build_training_model(
     cfg: RunConfig, dims: ParallelDims, device: torch.device
-) -> tuple[list[nn.Module], ModelSpec, object]:
-    """This rank's model parts (the whole model, or its pipeline stages), parallelised and initialised.
+) -> tuple[list[nn.Module], ModelSpec, object, list[str]]:
+    """This rank's model parts (the whole model, or its pipeline stages), parallelised and initialised;
+    returns ``(parts, spec, config, adapted module names)``.
 
-    Every part keeps the full model's parameter names, so weights are initialised (from the seed
-    and the name) or loaded identically under any layout.
+    Order: meta build -> LoRA adapters (``model.lora``; then only they train) -> ``model.freeze`` ->
+    pipeline cut -> the family's parallel plan (TP splits each adapter with its base layer, memory
+    savers, FSDP2 shards it with its block) -> materialise -> base weights -> adapters initialised
+    from (``train.seed``, name): ``A`` Kaiming-uniform, ``B`` zero, as peft does. Every part keeps the
+    full model's parameter names, so weights are initialised (from the seed and the name) or loaded
+    identically under any layout.
     """
+    from openspeed.lora import add_adapters, init_lora, is_lora_param, mark_only_lora_trainable
+
     spec, config = model_config_from_run(cfg)
     with torch.device("meta"):
         model = spec.build(config)
+    adapted: list[str] = []
+    if cfg.model.lora.rank > 0:
+        adapted = add_adapters(model, spec, cfg.model.lora)
+        mark_only_lora_trainable(model)
     apply_freeze(model, spec, cfg.model.freeze)
     parts = cut_and_parallelize(model, spec, dims, cfg, device)
-    load_base_weights(parts, spec, config, cfg)
+    load_base_weights(parts, spec, config, cfg, added=is_lora_param if adapted else None)
     for part in parts:
+        if adapted:
+            init_lora(part, cfg.train.seed)
         part.train()
-    return parts, spec, config
+    return parts, spec, config, adapted
 
 
 def cut_and_parallelize(
@@ -80,7 +73,7 @@ def cut_and_parallelize(
     for part in parts:
         spec.parallelize(part, dims, cfg)
         part.to_empty(device=device)
-        spec.reset_buffers(part)
+        spec.reset_buffers(part, torch.device(device))
     return parts
 
 

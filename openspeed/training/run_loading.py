@@ -20,10 +20,11 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from openspeed.config import RunConfig, load_config
 from openspeed.errors import CheckpointError, ConfigError, OpenSpeedError
-from openspeed.models.loading import has_hf_weights
+from openspeed.lora import adapter_view, add_adapters, init_lora, is_lora_param
+from openspeed.models.loading import has_hf_weights, model_dir
 from openspeed.models.registry import ModelSpec
 from openspeed.training.checkpoint import STEP_DIR, TRAIN_STATE, checkpoint_root, latest_checkpoint
-from openspeed.training.model_setup import load_weights_into, model_config_from_run
+from openspeed.training.model_setup import load_base_weights, load_weights_into, model_config_from_run
 
 RUN_CONFIG = "config.yaml"
 # Top-level key of the model state in the checkpoints ``save_checkpoint`` writes.
@@ -70,7 +71,7 @@ def _read_run_config(run_dir: str) -> RunConfig:
     if not os.path.isfile(config_path):
         raise CheckpointError(f"no {RUN_CONFIG} in run directory {run_dir}")
     try:
-        return load_config(config_path)
+        return load_config(config_path, run_config=True)
     except OpenSpeedError as e:
         raise CheckpointError(f"{config_path}: {e}") from None
 
@@ -136,14 +137,12 @@ def load_trained(run_dir_or_checkpoint: str, device: torch.device | str = "cpu")
     ``run_dir_or_checkpoint`` is a run directory (its latest complete checkpoint is used) or a
     ``checkpoints/step_<N>`` directory inside one. Without any checkpoint the model directory's HF
     weights are loaded, if it has some. A LoRA run (``model.lora.rank`` > 0) gets its base weights and
-    its adapters (:func:`openspeed.lora.training.load_lora_run`). The model is fp32, unsharded, on
+    its adapters (:func:`load_lora_run`). The model is fp32, unsharded, on
     ``device``, in eval mode. Raises :class:`CheckpointError` naming the offending path.
     """
     run_dir, checkpoint = _resolve(run_dir_or_checkpoint)
     run_cfg = _read_run_config(run_dir)
     if run_cfg.model.lora.rank > 0:  # adapter-only checkpoints: base weights + adapters, unmerged
-        from openspeed.lora.training import load_lora_run
-
         return load_lora_run(run_dir_or_checkpoint, device)
     try:
         spec, config = model_config_from_run(run_cfg)
@@ -159,8 +158,8 @@ def load_trained(run_dir_or_checkpoint: str, device: torch.device | str = "cpu")
         tied = bool(getattr(config, "tie_word_embeddings", False))
         load_dcp_model_state(model, checkpoint, tied_lm_head=tied)
         step = _read_step(checkpoint)
-    elif has_hf_weights(run_cfg.model.path):
-        load_weights_into(model, spec, config, run_cfg.model.path)
+    elif has_hf_weights(model_dir(run_cfg.model.path)):
+        load_weights_into(model, spec, config, model_dir(run_cfg.model.path))
         step = 0
     else:
         raise CheckpointError(
@@ -170,6 +169,43 @@ def load_trained(run_dir_or_checkpoint: str, device: torch.device | str = "cpu")
     # Loading in place keeps a tie intact, but re-tie anyway: cheap, and safe if it ever broke.
     spec.reset_buffers(model, device)
     return TrainedModel(model.eval(), spec, config, run_cfg, run_dir, checkpoint, step)
+
+
+def run_config_of(run_dir_or_checkpoint: str) -> RunConfig:
+    """The resolved config of a run (its directory or one of its checkpoints); ``CheckpointError`` if none."""
+    run_dir, _ = _resolve(run_dir_or_checkpoint)
+    return _read_run_config(run_dir)
+
+
+def load_lora_run(run_dir_or_checkpoint: str, device: torch.device | str = "cpu") -> TrainedModel:
+    """A LoRA run's model in one plain process: base weights as trained from, adapters from the checkpoint.
+
+    The model keeps its :class:`~openspeed.lora.LoRALinear` layers (eval mode, fp32, unsharded).
+    Without a checkpoint the adapters are the initial ones (the base model). Raises
+    :class:`CheckpointError` naming the path.
+    """
+    run_dir, checkpoint = _resolve(run_dir_or_checkpoint)
+    cfg = _read_run_config(run_dir)
+    if cfg.model.lora.rank < 1:
+        raise CheckpointError(f"run {run_dir} has no LoRA adapters (model.lora.rank is 0)")
+    try:
+        spec, config = model_config_from_run(cfg)
+        with torch.device("meta"):
+            model = spec.build(config)
+        add_adapters(model, spec, cfg.model.lora)
+    except ConfigError as e:
+        raise CheckpointError(f"{os.path.join(run_dir, RUN_CONFIG)}: {e}") from None
+    device = torch.device(device)
+    model.to_empty(device=device)
+    spec.reset_buffers(model, device)
+    load_base_weights([model], spec, config, cfg, added=is_lora_param, announce=False)
+    init_lora(model, cfg.train.seed)
+    step = 0
+    if checkpoint is not None:
+        load_dcp_model_state(adapter_view(model), checkpoint)
+        step = _read_step(checkpoint)
+    spec.reset_buffers(model, device)
+    return TrainedModel(model.eval(), spec, config, cfg, run_dir, checkpoint, step)
 
 
 def load_trained_model(

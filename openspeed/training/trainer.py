@@ -15,11 +15,10 @@ import torch
 import torch.distributed as dist
 
 from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
-from openspeed.config import RunConfig, dump_yaml, resolve_layout
+from openspeed.config import RunConfig, bind_known_family, dump_yaml, resolve_layout
 from openspeed.data.loader import step_batches
 from openspeed.data.schedule import GlobalBatchSchedule
-from openspeed.distributed.context_parallel.modules import suspended as cp_suspended
-from openspeed.distributed.fsdp import gathered_parameters, set_gradient_sync
+from openspeed.distributed.fsdp import set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
 from openspeed.distributed.pipeline import (
     PipelineInferenceModel,
@@ -36,13 +35,14 @@ from openspeed.distributed.tensor_parallel import (
     plain_tensor,
 )
 from openspeed.errors import ConfigError
-from openspeed.lora import adapter_view
-from openspeed.lora.training import build_lora_training_model
+from openspeed.lora import adapter_view, lora_state_dict, save_peft_adapter
 from openspeed.memory import adaptive_recompute, max_over_ranks, measure_layers, optimizer_state_bytes
 from openspeed.memory.adaptive import GB
+from openspeed.models.loading import model_config_from_run
 from openspeed.ops.level import set_optimization_level
-from openspeed.tasks.vlm_sft import VLMTask
+from openspeed.tasks.base import EvalContext
 from openspeed.training import checkpoint as ckpt
+from openspeed.training.ema import WeightEMA
 from openspeed.training.grads import clip_grad_norm
 from openspeed.training.metrics import MetricsWriter, Progress
 from openspeed.training.model_setup import build_training_model
@@ -160,11 +160,8 @@ def _any_rank(flag: bool) -> bool:
     return _all_reduce(1.0 if flag else 0.0, group=None)[0] > 0
 
 
-def _check_pipeline(cfg: RunConfig, sizes: dict[str, int], n_micro: int) -> None:
+def _check_pipeline(cfg: RunConfig, sizes: dict[str, int], n_micro: int, spec, config) -> None:
     """Pipeline settings the model and schedule can honour, checked before anything is built."""
-    from openspeed.training.model_setup import model_config_from_run
-
-    spec, config = model_config_from_run(cfg)
     if spec.pipeline is None:
         raise ConfigError(f"parallel.pp={sizes['pp']}: {spec.name} has no pipeline plan")
     check_pipeline_config(sizes["pp"], cfg.parallel.virtual_stages, cfg.parallel.pp_schedule, n_micro)
@@ -172,7 +169,7 @@ def _check_pipeline(cfg: RunConfig, sizes: dict[str, int], n_micro: int) -> None
 
 
 def run_training(cfg: RunConfig) -> dict:
-    """Train as ``cfg`` says; returns a summary dict (rank 0's view)."""
+    """Train as ``cfg`` says, whatever the model family; returns a summary dict (rank 0's view)."""
     acc = get_accelerator()
     acc.configure_math()
     if cfg.train.cpu_threads is not None and acc.device_type == "cpu":
@@ -180,236 +177,309 @@ def run_training(cfg: RunConfig) -> dict:
             raise ConfigError(f"train.cpu_threads must be >= 1, got {cfg.train.cpu_threads}")
         torch.set_num_threads(cfg.train.cpu_threads)
     set_optimization_level(cfg.train.optimization_level)
+    if cfg.family is None:
+        bind_known_family(cfg)
+    # A process group that is already up (a test's workers, a caller's own) is left to its owner.
+    owns_group = not dist.is_initialized()
     rank, world = init_distributed()
     try:
-        return _train(cfg, acc, rank, world)
+        return Trainer(cfg, acc, rank, world).train()
     finally:
-        destroy_distributed()
+        if owns_group:
+            destroy_distributed()
 
 
-def _train(cfg: RunConfig, acc, rank: int, world: int) -> dict:
-    sizes = resolve_layout(cfg, world)
-    check_supported(cfg, sizes)
-    dims = build_mesh(sizes, acc.device_type, cfg.parallel.cp_algo, cfg.parallel.cp_ulysses_degree)
-    if sizes["cp"] > 1:
-        try:
-            cp = dims.context_parallel()
-        except ConfigError as exc:
-            raise ConfigError(f"parallel.cp_algo={cfg.parallel.cp_algo}: {exc}") from None
-    dp_group, dp_rank, dp_size = dims.dp_group(), dims.dp_rank(), dims.dp_size
-    loss_group = dims.loss_group()  # each cp rank's loss covers its share of the tokens
-    is_main = rank == 0
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True)
-    _seed_all(acc, cfg.train.seed + rank)
+class Trainer:
+    """The one training loop. :meth:`train` reads top to bottom: set up, resume, then one optimizer
+    step per iteration, evaluation, checkpoints, the end-of-run report.
 
-    run_dir = cfg.train.run_dir
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+    Override points, for a family whose step really differs (the defaults serve every built-in
+    family through its task, :mod:`openspeed.tasks.base`):
 
-    task = VLMTask(cfg)
-    if sizes["cp"] > 1:
-        # Every batch's length must split evenly over the cp layout (zigzag chunks for ring / hybrid).
-        task.collator.pad_to_multiple_of = math.lcm(task.collator.pad_to_multiple_of or 1, cp.seq_multiple)
-    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp_size)
-    if sizes["pp"] > 1:
-        _check_pipeline(cfg, sizes, n_micro)
-    if cfg.model.lora.rank > 0:
-        # LoRA: only the adapters train, and checkpoints hold only them (and their optimizer state);
-        # the frozen base is rebuilt from model.path / train.seed on resume and export.
-        parts, spec, config, adapted = build_lora_training_model(cfg, dims, acc.device)
-        saved_parts = [adapter_view(part) for part in parts]
-    else:
-        parts, spec, config = build_training_model(cfg, dims, acc.device)
-        adapted, saved_parts = [], parts
-    trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
-    if not _any_rank(bool(trainable)):
-        raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
-    if adapted and is_main:
-        print(f"LoRA rank {cfg.model.lora.rank} on {len(adapted)} linear layers: only the adapters train",
-              file=sys.stderr)
-    optim = Optimizers(parts, cfg.optim, cfg.train.max_steps, cfg.memory)
-    pipe = None
-    if sizes["pp"] > 1:
-        packer = spec.pipeline.packer(config, cfg.data.max_seq_len, task.processor.pad_token_id,
-                                      cfg.train.micro_batch_size)
-        pipe = build_pipeline(parts, dims, acc.device, cfg.parallel.pp_schedule, n_micro, spec.pipeline.loss,
-                              packer)
-        model = PipelineInferenceModel(pipe)  # evaluation and decoding through the stages
-        if any(is_vocab_parallel(part) for part in parts):
-            mark_vocab_parallel(model)
-    else:
-        model = parts[0]
-    norm_group = pipe.group if pipe is not None else None
-    norm_skip = norm_exclusions(pipe) if pipe is not None else []
+    * :meth:`build_model` -> ``(parts, spec, config, adapted)``;
+    * :meth:`forward_backward` -> the step's summed loss (a device tensor, before the dp reduction);
+    * :meth:`train_step` -> the step's loss, gradient norm and learning rate.
+    """
 
-    # ---------------------------------------------------------------- resume
-    start_step, resume_from = resume_run(cfg, acc, rank, saved_parts, optim, task)
-    if start_step >= cfg.train.max_steps and resume_from:
-        return {"steps": 0, "resumed_from": resume_from}
+    def __init__(self, cfg: RunConfig, acc, rank: int, world: int) -> None:
+        self.cfg, self.acc, self.rank, self.world = cfg, acc, rank, world
+        self.is_main = rank == 0
 
-    metrics = MetricsWriter(run_dir, enabled=is_main, resume_step=start_step, tensorboard=cfg.logging.tensorboard)
-    schedule = GlobalBatchSchedule(len(task.train_set), cfg.train.global_batch_size, cfg.train.seed)
-    stop = _StopFlag()
-    stop.install()
-    progress = Progress(cfg.train.max_steps, start_step, enabled=is_main and cfg.logging.progress)
-    checkpoint_root = ckpt.checkpoint_root(run_dir)
-    last_saved = start_step if resume_from else -1
-    train_start = time.perf_counter()
-    last_loss = float("nan")
+    # ---------------------------------------------------------------- override points
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        skipped = _gather_skipped(task.skipped, dp_group)
-        ckpt.save_checkpoint(
-            checkpoint_root,
-            step,
-            saved_parts,
-            optim.per_part,
-            {"scheduler": optim.scheduler_state(), "skipped": {str(i): r for i, r in skipped.items()}, "seed": cfg.train.seed},
-            _rng_state(acc),
-            keep_last=cfg.checkpoint.keep_last,
-        )
-        last_saved = step
+    def build_model(self, dims):
+        """This rank's model parts, their spec and config, and the LoRA-adapted module names."""
+        return build_training_model(self.cfg, dims, self.acc.device)
 
-    profiler = StepProfiler(cfg.profile, rank, run_dir)
-    last_eval: dict = {}
-    step = start_step
-    adaptive = None
-    if cfg.memory.budget_gb is not None:
-        if pipe is not None:
-            raise ConfigError("memory.budget_gb (adaptive recompute) is not available with parallel.pp > 1 yet")
-        adaptive = _AdaptiveRecompute(spec.memory_plan(model))
-
-    def count_flops(batch: dict) -> None:
-        batch["flops"] = task.flops(spec, config, batch)
-
-    loader = step_batches(task, schedule, start_step + 1, cfg.train.max_steps, dp_rank, dp_size,
-                          cfg.train.micro_batch_size, cfg.data.num_workers, annotate=count_flops)
-    compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else acc.peak_flops(compute_dtype)
-    for step, (batches, skips) in zip(range(start_step + 1, cfg.train.max_steps + 1), loader):
-        profiler.before_step(step)
-        t0 = time.perf_counter()
-        task.skipped.update(skips)
-        targets, tokens, flops = _all_reduce(sum(task.count_targets(b) for b in batches),
-                                             sum(task.count_tokens(b) for b in batches),
-                                             sum(b["flops"] for b in batches), group=dp_group)
-
-        if pipe is not None:
+    def forward_backward(self, batches: list, step: int, num_items: int):
+        """Forward and backward over this rank's micro-batches; returns the summed loss (on the device)
+        and sets :attr:`step_flops` (this rank's model FLOPs of the step)."""
+        cfg, acc, task, model = self.cfg, self.acc, self.task, self.model
+        if self.pipe is not None:
+            self.step_flops = sum(task.flops(b) for b in batches)
             with acc.autocast(cfg.train.precision), loss_context(model):
-                loss_sum = pipeline_train_step(pipe, batches, int(targets))
-            sync_tied_grads(pipe)
-        else:
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for i, batch in enumerate(batches):
-                set_gradient_sync(model, i == len(batches) - 1)
-                batch = task.to_device(batch, acc.device)
-                with acc.autocast(cfg.train.precision), loss_context(model):
-                    if adaptive is not None and adaptive.report is None:
-                        adaptive.report, loss = measure_layers(
-                            model, adaptive.plan, lambda b=batch, n=int(targets): task.loss(model, b, n)
-                        )
-                    else:
-                        loss = task.loss(model, batch, int(targets))
-                    loss.backward()
-                loss_sum += plain_tensor(loss).detach().double().cpu()
-        dist.all_reduce(loss_sum, group=loss_group)
-        grad_norm = clip_grad_norm(trainable, cfg.train.grad_clip, norm_group, norm_skip)
-        lr = optim.lr
+                loss_sum = pipeline_train_step(self.pipe, batches, num_items)
+            sync_tied_grads(self.pipe)
+            return torch.as_tensor(loss_sum, dtype=torch.float64)
+        forwards = self.step_forwards(batches, step)
+        # Model FLOPs of the useful forwards (weightless padding ones do no model work).
+        self.step_flops = sum(task.flops(inputs) for inputs, scale in forwards if scale)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        for i, (inputs, scale) in enumerate(forwards):
+            set_gradient_sync(model, i == len(forwards) - 1)
+            with acc.autocast(cfg.train.precision), loss_context(model):
+                adaptive = self.adaptive
+                if adaptive is not None and adaptive.report is None:
+                    adaptive.report, loss = measure_layers(
+                        model, adaptive.plan, lambda x=inputs: task.loss(model, x, num_items, step)
+                    )
+                else:
+                    loss = task.loss(model, inputs, num_items, step)
+                if scale != 1.0:
+                    loss = loss * scale
+                loss.backward()
+            loss_sum += plain_tensor(loss).detach().double()
+        return loss_sum
+
+    def train_step(self, batches: list, step: int, num_items: int) -> tuple[float, float, float]:
+        """One optimizer step: forward/backward, loss reduction, clipping, update, EMA, schedule.
+        Returns ``(loss, grad_norm, lr)``."""
+        loss_sum = self.forward_backward(batches, step, num_items)
+        dist.all_reduce(loss_sum, group=self.loss_group)
+        grad_norm = clip_grad_norm(self.trainable, self.cfg.train.grad_clip, self.norm_group, self.norm_skip)
+        lr = self.optim.lr
         if math.isfinite(grad_norm):
-            optim.step()
-        elif is_main:
-            progress.write(f"step {step}: non-finite gradient norm, update skipped")
-        optim.schedule_step()
-        optim.zero_grad()
-        if adaptive is not None and adaptive.choice is None:
-            choice = adaptive.decide(model, optim, cfg.memory.budget_gb)
-            metrics.log({"step": step, "adaptive_recompute": choice.recompute,
-                         "adaptive_offload": choice.offload,
-                         "adaptive_estimated_gb": choice.estimated_bytes / GB})
-            progress.write(
-                f"memory.budget_gb={cfg.memory.budget_gb}: recomputing {len(choice.recompute)} layers, "
-                f"estimated {choice.estimated_bytes / GB:.4f} GB (measured {choice.measured_bytes / GB:.4f} GB)"
-            )
-        acc.synchronize()
-        elapsed = time.perf_counter() - t0
-        last_loss = loss_sum.item()
-        record = {
-            "step": step,
-            "loss": last_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-            "target_tokens": int(targets),
-            "step_time_s": elapsed,
-        }
-        # Model FLOPs of the whole step shared over every rank: the achieved rate per device.
-        per_device = flops / world / elapsed if elapsed > 0 else 0.0
-        record["tflops"] = per_device / 1e12
-        record["mfu"] = per_device / peak
-        metrics.log(record)
-        progress.update(last_loss, lr, record["tokens_per_s"], record["mfu"])
-        trace = profiler.after_step(step)
-        if trace:
-            progress.write(f"profiler trace written to {trace}")
+            self.optim.step()
+            if self.ema is not None:
+                self.ema.update()
+        elif self.is_main:
+            self.progress.write(f"step {step}: non-finite gradient norm, update skipped")
+        self.optim.schedule_step()
+        self.optim.zero_grad()
+        return float(loss_sum.item()), grad_norm, lr
 
-        if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-            loader.wait()  # the next step's loading shares the tokenizer and processor
-            with cp_suspended():  # validation runs every cp rank on whole sequences
-                record, scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
-            last_eval = {"step": step, "record": record, "scores": scores}
-            metrics.log({"step": step, **record})
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-            save(step)
-        stopped = stop_early(cfg, stop, step, start_step, save, last_saved == step, loader, progress, metrics,
-                             run_dir, is_main)
-        if stopped is not None:
-            return stopped
+    # ---------------------------------------------------------------- pieces
 
-    loader.close()
-    progress.close()
-    final_eval, final_scores = {}, None
-    if task.val_set is not None and step > start_step:
-        if last_eval.get("step") == step:
-            final_eval, final_scores = last_eval["record"], last_eval["scores"]
+    def step_forwards(self, batches: list, step: int) -> list[tuple]:
+        """``(inputs, scale)`` of every forward this rank runs in the step (scale 0: a weightless
+        forward that keeps this rank in step with one that has more, FSDP needing every rank)."""
+        per_batch = [self.task.forwards(b, step) for b in batches]
+        if not self.task.uneven_forwards or self.dp_size == 1:
+            return [(f, 1.0) for fs in per_batch for f in fs]
+        most = torch.tensor([float(len(fs)) for fs in per_batch], dtype=torch.float64)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.dp_group)
+        out = []
+        for fs, n in zip(per_batch, most.tolist()):
+            out += [(f, 1.0) for f in fs] + [(fs[0], 0.0)] * (int(n) - len(fs))
+        return out
+
+    def eval_context(self, step: int) -> EvalContext:
+        return EvalContext(self.cfg, self.acc, self.dp_group, self.dp_rank, self.dp_size, step, self.started)
+
+    def evaluate(self, step: int) -> dict:
+        self.loader.wait()  # the next step's loading shares the task's data objects
+        record = self.task.evaluate(self.model, self.eval_context(step))
+        self.metrics.log({"step": step, **{k: v for k, v in record.items() if k != "scores"}})
+        return record
+
+    def save(self, step: int) -> None:
+        cfg = self.cfg
+        skipped = _gather_skipped(self.task.skipped, self.dp_group)
+        path = ckpt.save_checkpoint(
+            ckpt.checkpoint_root(cfg.train.run_dir), step, self.saved_parts, self.saved_optimizers,
+            {"scheduler": self.optim.scheduler_state(), "skipped": {str(i): r for i, r in skipped.items()},
+             "seed": cfg.train.seed, "ema": self.ema is not None},
+            _rng_state(self.acc), keep_last=cfg.checkpoint.keep_last,
+        )
+        if self.adapted and self.pipe is None:
+            save_adapter(cfg, self.spec, self.model, os.path.join(path, "adapter"), self.is_main)
+        self.last_saved = step
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self) -> dict:
+        cfg, acc, rank = self.cfg, self.acc, self.rank
+        sizes = resolve_layout(cfg, self.world)
+        check_supported(cfg, sizes)
+        dims = build_mesh(sizes, acc.device_type, cfg.parallel.cp_algo, cfg.parallel.cp_ulysses_degree)
+        cp = None
+        if sizes["cp"] > 1:
+            try:
+                cp = dims.context_parallel()
+            except ConfigError as exc:
+                raise ConfigError(f"parallel.cp_algo={cfg.parallel.cp_algo}: {exc}") from None
+        self.dp_group, self.dp_rank, self.dp_size = dims.dp_group(), dims.dp_rank(), dims.dp_size
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        _seed_all(acc, cfg.train.seed + rank)
+
+        run_dir = cfg.train.run_dir
+        if self.is_main:
+            os.makedirs(run_dir, exist_ok=True)
+            dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+
+        spec, config = model_config_from_run(cfg)
+        if spec.check_layout is not None:
+            spec.check_layout(cfg, sizes)
+        n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
+        if sizes["pp"] > 1:
+            _check_pipeline(cfg, sizes, n_micro, spec, config)
+        parts, spec, config, adapted = self.build_model(dims)
+        self.spec, self.config, self.adapted = spec, config, adapted
+        task = self.task = spec.task(cfg, acc.device, config, spec)
+        if cp is not None:
+            task.configure_context_parallel(cp)
+        # Each cp rank's loss covers its share of the tokens (summed over cp), or the whole loss.
+        self.loss_group = dims.loss_group() if task.cp_splits_loss else self.dp_group
+        if task.val_set is None and cfg.train.eval_interval:
+            raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs data.val_path")
+        trainable = self.trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
+        if not _any_rank(bool(trainable)):
+            raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
+        if self.is_main:
+            total = sum(p.numel() for part in parts for p in part.parameters())
+            train_n = sum(p.numel() for p in trainable)
+            what = f"LoRA rank {cfg.model.lora.rank} on {len(adapted)} layers, " if adapted else ""
+            print(f"{spec.name}: {what}{train_n:,} of {total:,} parameters train"
+                  f"{' (this stage)' if sizes['pp'] > 1 else ''}; {len(task.train_set)} samples", file=sys.stderr)
+        optim = self.optim = Optimizers(parts, cfg.optim, cfg.train.max_steps, cfg.memory)
+        self.ema = None
+        if cfg.train.ema_decay is not None:
+            if sizes["pp"] > 1:
+                raise ConfigError("train.ema_decay with parallel.pp > 1 is not available yet")
+            self.ema = WeightEMA(parts[0], cfg.train.ema_decay)
+        saved = [adapter_view(part) for part in parts] if adapted else list(parts)
+        self.saved_parts = saved + ([self.ema] if self.ema is not None else [])
+        self.saved_optimizers = optim.per_part + ([None] if self.ema is not None else [])
+        self.pipe = None
+        if sizes["pp"] > 1:
+            packer = spec.pipeline.packer(config, cfg.data.max_seq_len, task.pad_token_id, cfg.train.micro_batch_size)
+            self.pipe = build_pipeline(parts, dims, acc.device, cfg.parallel.pp_schedule, n_micro,
+                                       spec.pipeline.loss, packer)
+            model = PipelineInferenceModel(self.pipe)  # evaluation and decoding through the stages
+            if any(is_vocab_parallel(part) for part in parts):
+                mark_vocab_parallel(model)
         else:
-            with cp_suspended():
-                final_eval, final_scores = evaluate(cfg, task, model, acc, dp_group, dp_rank, dp_size)
-            metrics.log({"step": step, **final_eval})
-    if cfg.checkpoint.save_final and last_saved != step and step > start_step:
-        save(step)
-    held_out = None
-    if final_scores is not None and cfg.train.eval_blank_images:
-        # The real-image answers are the final validation's; only the blank-image pass is new.
-        indices = _eval_indices(cfg, task.val_set)
-        real = final_scores
-        with cp_suspended():
-            blank = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices, blank_images=True)
-        held_out = {"real": real, "blank": blank}
-        metrics.log({"step": step, "heldout_accuracy": real["accuracy"], "heldout_per_type": real["per_type"],
-                     "heldout_chance": real["chance_accuracy"], "heldout_blank_accuracy": blank["accuracy"],
-                     "heldout_n": real["n"]})
-    seconds = time.perf_counter() - train_start
-    summary = run_summary(task.skipped, dp_group, metrics, is_main, step, start_step, last_loss, seconds)
-    summary.update(final_eval)
+            model = parts[0]
+        self.model = model
+        self.norm_group = self.pipe.group if self.pipe is not None else None
+        self.norm_skip = norm_exclusions(self.pipe) if self.pipe is not None else []
+
+        # ---------------------------------------------------------------- resume
+        start_step, resume_from = resume_run(cfg, acc, rank, self.saved_parts, optim, task,
+                                             per_part=self.saved_optimizers)
+        if start_step >= cfg.train.max_steps and resume_from:
+            return {"steps": 0, "resumed_from": resume_from}
+
+        metrics = self.metrics = MetricsWriter(run_dir, enabled=self.is_main, resume_step=start_step,
+                                               tensorboard=cfg.logging.tensorboard)
+        schedule = GlobalBatchSchedule(len(task.train_set), cfg.train.global_batch_size, cfg.train.seed)
+        stop = _StopFlag()
+        stop.install()
+        progress = self.progress = Progress(cfg.train.max_steps, start_step, enabled=self.is_main and cfg.logging.progress)
+        self.last_saved = start_step if resume_from else -1
+        self.started = time.perf_counter()
+        last_loss = float("nan")
+        profiler = StepProfiler(cfg.profile, rank, run_dir)
+        last_eval: dict = {}
+        step = start_step
+        self.adaptive = None
+        if cfg.memory.budget_gb is not None:
+            if self.pipe is not None:
+                raise ConfigError("memory.budget_gb (adaptive recompute) is not available with parallel.pp > 1 yet")
+            if spec.memory_plan is None:
+                raise ConfigError(f"memory.budget_gb: {spec.name} has no memory plan")
+            self.adaptive = _AdaptiveRecompute(spec.memory_plan(model))
+
+        loader = self.loader = step_batches(task, schedule, start_step + 1, cfg.train.max_steps, self.dp_rank,
+                                            self.dp_size, cfg.train.micro_batch_size, cfg.data.num_workers,
+                                            annotate=task.annotate)
+        compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else acc.peak_flops(compute_dtype)
+        for step, (batches, skips) in zip(range(start_step + 1, cfg.train.max_steps + 1), loader):
+            profiler.before_step(step)
+            t0 = time.perf_counter()
+            task.skipped.update(skips)
+            targets, tokens = _all_reduce(sum(task.count_targets(b) for b in batches),
+                                          sum(task.count_tokens(b) for b in batches), group=self.dp_group)
+            last_loss, grad_norm, lr = self.train_step(batches, step, int(targets))
+            # FLOPs of what this rank ran (counted after the step: a task may encode in its forwards).
+            flops = _all_reduce(self.step_flops, group=self.dp_group)[0]
+            if self.adaptive is not None and self.adaptive.choice is None:
+                choice = self.adaptive.decide(model, optim, cfg.memory.budget_gb)
+                metrics.log({"step": step, "adaptive_recompute": choice.recompute,
+                             "adaptive_offload": choice.offload,
+                             "adaptive_estimated_gb": choice.estimated_bytes / GB})
+                progress.write(
+                    f"memory.budget_gb={cfg.memory.budget_gb}: recomputing {len(choice.recompute)} layers, "
+                    f"estimated {choice.estimated_bytes / GB:.4f} GB (measured {choice.measured_bytes / GB:.4f} GB)"
+                )
+            acc.synchronize()
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": step,
+                "loss": last_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                task.count_name: int(targets),
+                f"{task.count_name}_per_s": targets / elapsed if elapsed > 0 else 0.0,
+                "step_time_s": elapsed,
+            }
+            # Model FLOPs of the whole step shared over every rank: the achieved rate per device.
+            per_device = flops / self.world / elapsed if elapsed > 0 else 0.0
+            record["tflops"] = per_device / 1e12
+            record["mfu"] = per_device / peak
+            metrics.log(record)
+            progress.update(last_loss, lr, record["tokens_per_s"], record["mfu"])
+            trace = profiler.after_step(step)
+            if trace:
+                progress.write(f"profiler trace written to {trace}")
+
+            if task.val_set is not None and cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                last_eval = {"step": step, "record": self.evaluate(step)}
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                self.save(step)
+            stopped = stop_early(cfg, stop, step, start_step, self.save, self.last_saved == step, loader, progress,
+                                 metrics, run_dir, self.is_main)
+            if stopped is not None:
+                return stopped
+
+        loader.close()
+        progress.close()
+        final_eval: dict = {}
+        if task.val_set is not None and step > start_step:
+            final_eval = last_eval["record"] if last_eval.get("step") == step else self.evaluate(step)
+        if cfg.checkpoint.save_final and self.last_saved != step and step > start_step:
+            self.save(step)
+        report = {"metrics": {}, "summary": {}, "lines": []}
+        if step > start_step:
+            report = task.final_report(model, self.eval_context(step), final_eval)
+            if report["metrics"]:
+                metrics.log({"step": step, **report["metrics"]})
+        seconds = time.perf_counter() - self.started
+        summary = run_summary(task.skipped, self.dp_group, metrics, self.is_main, step, start_step, last_loss, seconds)
+        summary.update({k: v for k, v in final_eval.items() if k != "scores"})
+        summary.update(report["summary"])
+        if self.is_main:
+            extra = [f"val_loss {final_eval['val_loss']:.4f}"] if "val_loss" in final_eval else []
+            print(summary_line(summary, extra), file=sys.stderr)
+            _plot(metrics, run_dir)
+            for line in report["lines"]:
+                print(line, flush=True)
+        metrics.close()
+        return summary
+
+
+def save_adapter(cfg: RunConfig, spec, model, out_dir: str, is_main: bool) -> None:
+    """Write a LoRA run's adapters in peft's format, in the reference library's module names
+    (``spec.module_name_to_ref``); every rank gathers, rank 0 writes."""
+    tensors = lora_state_dict(model)
     if is_main:
-        extra = [f"val_loss {final_eval['val_loss']:.4f}"] if final_eval else []
-        print(summary_line(summary, extra), file=sys.stderr)
-        _plot(metrics, run_dir)
-        if held_out is not None:
-            real, blank = held_out["real"], held_out["blank"]
-            for qtype in sorted(real["per_type"]):
-                print(f"  {qtype:<10} accuracy {real['per_type'][qtype]:.3f} "
-                      f"(blank-image {blank['per_type'].get(qtype, 0.0):.3f}, n={real['per_type_n'][qtype]})",
-                      flush=True)
-            print(f"held-out accuracy: {real['accuracy']:.3f} (chance {real['chance_accuracy']:.3f}, "
-                  f"blank-image {blank['accuracy']:.3f}, n={real['n']}, {seconds:.0f} s)", flush=True)
-            summary.update(heldout_accuracy=real["accuracy"], heldout_blank_accuracy=blank["accuracy"],
-                           heldout_chance=real["chance_accuracy"], heldout_n=real["n"])
-    metrics.close()
-    return summary
+        lora = cfg.model.lora
+        alpha = lora.alpha if lora.alpha is not None else lora.rank
+        save_peft_adapter(out_dir, tensors, lora.rank, alpha, spec.module_name_to_ref,
+                          base_model_name_or_path=os.path.abspath(cfg.model.path), dropout=lora.dropout)
 
 
 def stop_early(cfg: RunConfig, stop: _StopFlag, step: int, start_step: int, save, saved: bool, loader,
@@ -482,70 +552,4 @@ def _gather_skipped(skipped: dict[int, str], group) -> dict[int, str]:
     return union
 
 
-@torch.no_grad()
-def evaluate(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int,
-             dp_size: int) -> tuple[dict, dict]:
-    """Validation: token-mean loss and greedy-decoding exact-match accuracy.
-
-    Returns the metrics record and the full accuracy scores (per type, chance) they came from.
-
-    The loss pass runs the same number of batches on every rank (sharded forwards need all ranks);
-    decoding runs with the parameters gathered, so each rank answers its share at its own pace.
-    """
-    dataset = task.val_set
-    indices = _eval_indices(cfg, dataset)
-    mbs = cfg.train.micro_batch_size
-    per_round = mbs * dp_size
-    rounds = math.ceil(len(indices) / per_round)
-    was_training = model.training
-    model.eval()
-    loss_sum, targets = 0.0, 0
-    for r in range(rounds):
-        chunk = indices[r * per_round : (r + 1) * per_round]
-        mine = chunk[dp_rank * mbs : (dp_rank + 1) * mbs]
-        batch = task.load_batch(dataset, mine)
-        count = task.count_targets(batch)
-        batch = task.to_device(batch, acc.device)
-        with acc.autocast(cfg.train.precision), loss_context(model):
-            loss = task.loss(model, batch, 1)  # a plain sum over this batch's target tokens
-        loss_sum += float(plain_tensor(loss))
-        targets += count
-    if was_training:
-        model.train()
-    total, count = _all_reduce(loss_sum, targets, group=dp_group)
-    scores = vqa_scores(cfg, task, model, acc, dp_group, dp_rank, dp_size, indices)
-    result = {"val_loss": total / max(1.0, count), "val_target_tokens": int(count),
-              "val_accuracy": scores["accuracy"], "val_accuracy_n": scores["n"]}
-    return result, scores
-
-
-def _eval_indices(cfg: RunConfig, dataset) -> list[int]:
-    n = len(dataset)
-    if cfg.train.eval_max_samples is not None:
-        n = min(n, cfg.train.eval_max_samples)
-    return list(range(n))
-
-
-@torch.no_grad()
-def vqa_scores(cfg: RunConfig, task: VLMTask, model, acc, dp_group, dp_rank: int, dp_size: int,
-               indices: list[int], blank_images: bool = False) -> dict:
-    """Greedy answers to the validation questions at ``indices``, scored on every rank."""
-    from openspeed.eval.vqa import chance_accuracy, evaluate_vqa, score_predictions
-
-    mine = indices[dp_rank::dp_size]
-    with gathered_parameters(model, cfg.parallel.zero_stage), acc.autocast(cfg.train.precision):
-        local = evaluate_vqa(model, task.processor, task.val_set, mine,
-                             batch_size=max(8, cfg.train.micro_batch_size), blank_images=blank_images)
-    parts: list = [None] * dp_size
-    keep = ("predictions", "answers", "qtypes", "skipped")
-    dist.all_gather_object(parts, {k: local[k] for k in keep}, group=dp_group)
-    predictions = [p for part in parts for p in part["predictions"]]
-    answers = [a for part in parts for a in part["answers"]]
-    qtypes = [q for part in parts for q in part["qtypes"]]
-    scores = score_predictions(predictions, answers, qtypes)
-    scores["chance_accuracy"] = chance_accuracy(answers, qtypes)
-    scores["skipped"] = sum(part["skipped"] for part in parts)
-    return scores
-
-
-__all__ = ["run_training", "evaluate"]
+__all__ = ["run_training", "resume_run", "run_summary", "stop_early", "summary_line"]

@@ -1,29 +1,35 @@
-"""Qwen2.5-VL: native model, config, checkpoint conversion, FLOPs and M-RoPE indexing."""
+"""Qwen2.5-VL: native model, config, checkpoint conversion, FLOPs and M-RoPE indexing.
 
-from openspeed.models.qwen2_5_vl import spec as _spec  # noqa: F401  (registers the model type)
-from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
-from openspeed.models.qwen2_5_vl.convert import hf_to_native, native_to_hf
-from openspeed.models.qwen2_5_vl.flops import flops_breakdown, training_flops
-from openspeed.models.qwen2_5_vl.model import (
-    CausalLMOutput,
-    Qwen2_5_VLModel,
-    causal_lm_loss,
-    reset_non_persistent_buffers,
-)
-from openspeed.models.qwen2_5_vl.rope_index import get_rope_index, mm_token_type_ids_from_input_ids
+The package itself is light (``family.py`` is read before torch is imported); the names below load
+on first use.
+"""
 
-__all__ = [
-    "CausalLMOutput",
-    "Qwen2_5_VLConfig",
-    "Qwen2_5_VLModel",
-    "TextConfig",
-    "VisionConfig",
-    "causal_lm_loss",
-    "flops_breakdown",
-    "get_rope_index",
-    "hf_to_native",
-    "mm_token_type_ids_from_input_ids",
-    "native_to_hf",
-    "reset_non_persistent_buffers",
-    "training_flops",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Qwen2_5_VLConfig": "openspeed.models.qwen2_5_vl.config",
+    "TextConfig": "openspeed.models.qwen2_5_vl.config",
+    "VisionConfig": "openspeed.models.qwen2_5_vl.config",
+    "hf_to_native": "openspeed.models.qwen2_5_vl.convert",
+    "native_to_hf": "openspeed.models.qwen2_5_vl.convert",
+    "flops_breakdown": "openspeed.models.qwen2_5_vl.flops",
+    "training_flops": "openspeed.models.qwen2_5_vl.flops",
+    "CausalLMOutput": "openspeed.models.qwen2_5_vl.model",
+    "Qwen2_5_VLModel": "openspeed.models.qwen2_5_vl.model",
+    "causal_lm_loss": "openspeed.models.qwen2_5_vl.model",
+    "reset_non_persistent_buffers": "openspeed.models.qwen2_5_vl.model",
+    "get_rope_index": "openspeed.models.qwen2_5_vl.rope_index",
+    "mm_token_type_ids_from_input_ids": "openspeed.models.qwen2_5_vl.rope_index",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        importlib.import_module("openspeed.models.qwen2_5_vl.spec")  # registers the model type
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'openspeed.models.qwen2_5_vl' has no attribute '{name}'")
+
+
+__all__ = sorted(_EXPORTS)

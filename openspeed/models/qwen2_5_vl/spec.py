@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from openspeed.errors import ConfigError
 from openspeed.models.qwen2_5_vl.config import HF_ARCHITECTURE, MODEL_TYPE, Qwen2_5_VLConfig
-from openspeed.models.qwen2_5_vl.convert import hf_to_native, native_to_hf
+from openspeed.models.qwen2_5_vl.convert import hf_to_native, native_module_to_hf, native_to_hf
 from openspeed.models.qwen2_5_vl.flops import training_flops
 from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
 from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel, reset_non_persistent_buffers
@@ -16,6 +16,7 @@ from openspeed.models.qwen2_5_vl.pipeline import (
     stage_modules_for_rank,
 )
 from openspeed.models.registry import ModelSpec, PipelinePlan, register_model
+from openspeed.tasks.vlm_sft import VLMTask
 
 
 def init_std(config: Qwen2_5_VLConfig) -> float:
@@ -66,6 +67,8 @@ QWEN2_5_VL_SPEC = ModelSpec(
         check=check_pipeline_split,
     ),
     memory_plan=memory_plan,
+    task=VLMTask,
+    module_name_to_ref=native_module_to_hf,
 )
 
 register_model(QWEN2_5_VL_SPEC)

@@ -1,18 +1,30 @@
-"""Wan2.1 DiT (text-to-video, image-to-video): native model, config, diffusers conversion, FLOPs."""
+"""Wan2.1 DiT (text-to-video, image-to-video): native model, config, diffusers conversion, FLOPs.
 
-from openspeed.models.wan import spec as _spec  # noqa: F401  (registers the model type)
-from openspeed.models.wan.config import WanConfig
-from openspeed.models.wan.convert import hf_to_native, native_to_hf
-from openspeed.models.wan.flops import flops_breakdown, training_flops
-from openspeed.models.wan.model import WanOutput, WanTransformer, reset_non_persistent_buffers
+The package itself is light (``family.py`` is read before torch is imported); the names below load
+on first use.
+"""
 
-__all__ = [
-    "WanConfig",
-    "WanOutput",
-    "WanTransformer",
-    "flops_breakdown",
-    "hf_to_native",
-    "native_to_hf",
-    "reset_non_persistent_buffers",
-    "training_flops",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "WanConfig": "openspeed.models.wan.config",
+    "WanOutput": "openspeed.models.wan.model",
+    "WanTransformer": "openspeed.models.wan.model",
+    "reset_non_persistent_buffers": "openspeed.models.wan.model",
+    "hf_to_native": "openspeed.models.wan.convert",
+    "native_to_hf": "openspeed.models.wan.convert",
+    "flops_breakdown": "openspeed.models.wan.flops",
+    "training_flops": "openspeed.models.wan.flops",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        importlib.import_module("openspeed.models.wan.spec")  # registers the model type
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'openspeed.models.wan' has no attribute '{name}'")
+
+
+__all__ = sorted(_EXPORTS)

@@ -46,7 +46,9 @@ from openspeed.distributed.fsdp import apply_fsdp
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.distributed.tensor_parallel import ReplicateParallel, apply_plan, check_divisible
 from openspeed.errors import ConfigError
+from openspeed.memory.apply import apply_memory_config
 from openspeed.models.wan.config import WanConfig
+from openspeed.models.wan.memory_plan import memory_plan
 
 # --------------------------------------------------------------------------------------------------
 # Tensor parallel
@@ -189,7 +191,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     Every parameter becomes a DTensor on ``tp_mesh`` with its global shape and name unchanged
     (split ones ``Shard``, the rest ``Replicate``); the output ``sample`` is a plain tensor, the same
     on every tp rank. Weights must be (re-)initialised or loaded afterwards shard-wise (as
-    ``build_dit`` does). Needs ``tp`` to divide the head count and ``ffn_dim``.
+    the training model builder does). Needs ``tp`` to divide the head count and ``ffn_dim``.
     """
     check_tensor_parallel_sizes(model.config, tp_mesh.size())
     apply_plan(model, tp_mesh, _tensor_parallel_plan(model))
@@ -278,6 +280,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
         apply_tensor_parallel(model, dims.mesh["tp"])
     if dims.cp_size > 1:
         apply_context_parallel(model, dims.context_parallel())
+    if getattr(cfg, "memory", None) is not None:
+        apply_memory_config(model, cfg.memory, memory_plan(model))
     if dims.fsdp_enabled:
         apply_fsdp(model, dims.dp_mesh(), list(model.blocks), zero_stage=cfg.parallel.zero_stage)
     return model

@@ -34,11 +34,13 @@ def _prepare_out(out_dir: str | os.PathLike, model_path: str) -> Path:
 
 def export_wan(run_dir_or_checkpoint: str, out_dir: str | os.PathLike, *, merge_lora: bool = False,
                ema: bool | None = None, max_shard_size_bytes: int = 2_000_000_000) -> dict:
-    """Write the run's DiT to ``out_dir``; returns ``{"out", "kind", "step"}`` (kind: transformer | adapter)."""
-    from openspeed.inference.wan_generate import load_trained_dit
+    """Write the run's DiT to ``out_dir``; returns ``{"out", "kind", "step"}`` (kind: transformer | adapter).
+
+    ``ema``: the EMA weights (``None``: when the checkpoint has them)."""
     from openspeed.lora import lora_state_dict, save_peft_adapter
     from openspeed.lora import merge_lora as merge
     from openspeed.models.wan.convert import native_module_to_diffusers, native_to_hf
+    from openspeed.models.wan.generate import load_trained_dit
     from openspeed.training.export import _own_storage, _shard
 
     trained = load_trained_dit(run_dir_or_checkpoint, "cpu", ema=ema)

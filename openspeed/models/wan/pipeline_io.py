@@ -153,7 +153,7 @@ class WanFrozenParts:
         t, s = self.temporal_factor, self.spatial_factor
         if (frames - 1) % t or height % s or width % s:
             raise ConfigError(
-                f"data.video_buckets: {frames}x{height}x{width} does not fit the VAE: frames must be "
+                f"wan.video_buckets: {frames}x{height}x{width} does not fit the VAE: frames must be "
                 f"1 + {t}k and height, width multiples of {s}"
             )
 

@@ -101,7 +101,7 @@ def extract_features(cfg, out_dir: str | os.PathLike, shard_samples: int = 256,
     Uses the same frame sampling, buckets, VAE mode and ``text_len`` as training with ``cfg``. Bad
     samples are skipped and counted by reason.
     """
-    from openspeed.tasks.wan_flow_matching import WanFlowMatchingTask
+    from openspeed.models.wan.task import WanFlowMatchingTask
 
     if is_features_index(cfg.data.train_path):
         raise ConfigError("data.train_path already points at extracted features")
@@ -143,10 +143,10 @@ def extract_features(cfg, out_dir: str | os.PathLike, shard_samples: int = 256,
         "format": FORMAT,
         "source": os.path.abspath(cfg.data.train_path),
         "pipeline": os.path.abspath(cfg.model.path),
-        "vae": cfg.model.vae,
-        "text_len": cfg.data.text_len,
-        "video_buckets": list(cfg.data.video_buckets),
-        "frame_interval": cfg.data.frame_interval,
+        "vae": cfg.wan.vae,
+        "text_len": cfg.wan.text_len,
+        "video_buckets": list(cfg.wan.video_buckets),
+        "frame_interval": cfg.wan.frame_interval,
         "image_to_video": task.image_to_video,
         "samples": len(lines),
         "skipped": skipped,

@@ -32,6 +32,7 @@ from torch import nn
 
 from openspeed.config import RunConfig
 from openspeed.errors import CheckpointError, ConfigError
+from openspeed.models.wan.config import MODEL_NAME
 
 # Clips smaller than this (longer side, pixels) are enlarged (nearest) in the MP4 and contact sheet.
 VIEW_SIZE = 128
@@ -62,67 +63,33 @@ def enable_context_parallel(trained: TrainedDiT, cp) -> TrainedDiT:
     return trained
 
 
-def _ema_keys(checkpoint: str) -> set[str]:
-    import torch.distributed.checkpoint as dcp
-
-    from openspeed.training.dit_trainer import EMA_PREFIX
-
-    metadata = dcp.FileSystemReader(checkpoint).read_metadata()
-    return {k for k in metadata.state_dict_metadata if k.startswith(f"model.{EMA_PREFIX}")}
-
-
-def _load_ema(model: nn.Module, checkpoint: str) -> None:
-    """Replace the trained parameters by their EMA from the checkpoint."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    from openspeed.training.dit_trainer import EMA_PREFIX
-
-    available = _ema_keys(checkpoint)
-    wanted = {}
-    for name, param in model.named_parameters():
-        key = f"model.{EMA_PREFIX}{name.replace('.', '/')}"
-        if key in available:
-            wanted[key] = torch.empty_like(param, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(wanted, checkpoint_id=checkpoint, no_dist=True)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in wanted.items():
-            name = key[len(f"model.{EMA_PREFIX}"):].replace("/", ".")
-            params[name].copy_(value)
-
-
 def load_trained_dit(run_dir_or_checkpoint: str, device: torch.device | str = "cpu",
                      ema: bool | None = None) -> TrainedDiT:
-    """Build a Wan run's DiT (with its LoRA adapters) and load its latest (or the given) checkpoint.
+    """A Wan run's DiT (with its LoRA adapters) from its latest (or the given) checkpoint.
 
     ``ema``: use the EMA weights (``None``: when the checkpoint has them). Without any checkpoint the
     pipeline's transformer weights are used. Raises :class:`CheckpointError` naming the path.
     """
-    from openspeed.training.dit_trainer import build_dit, is_dit_run
-    from openspeed.training.run_loading import _read_run_config, _read_step, _resolve, load_dcp_model_state
+    from openspeed.lora import lora_modules
+    from openspeed.training.ema import ema_keys, load_ema_weights
+    from openspeed.training.run_loading import load_trained
 
-    run_dir, checkpoint = _resolve(run_dir_or_checkpoint)
-    run_cfg = _read_run_config(run_dir)
-    if not is_dit_run(run_cfg):
-        raise CheckpointError(f"{run_dir} is not a wan run (model.path {run_cfg.model.path})")
-    model, _, config, adapted = build_dit(run_cfg, None, device, load_weights=checkpoint is None)
-    step, used_ema = 0, False
-    if checkpoint is not None:
-        load_dcp_model_state(model, checkpoint)
-        step = _read_step(checkpoint)
-        has_ema = bool(_ema_keys(checkpoint))
+    trained = load_trained(run_dir_or_checkpoint, device)
+    if trained.run_config.family != MODEL_NAME:
+        raise CheckpointError(f"{trained.run_dir} is not a wan run (model.path {trained.run_config.model.path})")
+    used_ema = False
+    if trained.checkpoint is not None:
+        has_ema = bool(ema_keys(trained.checkpoint))
         if ema and not has_ema:
-            raise CheckpointError(f"checkpoint {checkpoint} has no EMA weights (train.ema_decay was not set)")
+            raise CheckpointError(f"checkpoint {trained.checkpoint} has no EMA weights (train.ema_decay was not set)")
         if has_ema and ema is not False:
-            _load_ema(model, checkpoint)
+            load_ema_weights(trained.model, trained.checkpoint)
             used_ema = True
     elif ema:
-        raise CheckpointError(f"run {run_dir} has no checkpoint, so no EMA weights")
-    return TrainedDiT(model.eval(), config, run_cfg, run_dir, checkpoint, step, used_ema, adapted)
+        raise CheckpointError(f"run {trained.run_dir} has no checkpoint, so no EMA weights")
+    adapted = list(lora_modules(trained.model))
+    return TrainedDiT(trained.model, trained.config, trained.run_config, trained.run_dir, trained.checkpoint,
+                      trained.step, used_ema, adapted)
 
 
 def velocity(model: nn.Module, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -165,7 +132,7 @@ def default_shape(run_cfg: RunConfig) -> tuple[int, int, int]:
     """(frames, height, width) of the run's first bucket."""
     from openspeed.data.video_text import parse_buckets
 
-    return parse_buckets(run_cfg.data.video_buckets)[0]
+    return parse_buckets(run_cfg.wan.video_buckets)[0]
 
 
 @torch.no_grad()
@@ -191,12 +158,12 @@ def generate_videos(
     defaults to the run's ``train.flow_shift``; the shape to the run's first bucket.
     """
     from openspeed.data.video_text import image_to_tensor
-    from openspeed.data.wan_pipeline import load_frozen_parts
+    from openspeed.models.wan.pipeline_io import load_frozen_parts
 
     run_cfg = trained.run_config
     f0, h0, w0 = default_shape(run_cfg)
     frames, height, width = frames or f0, height or h0, width or w0
-    shift = run_cfg.train.flow_shift if shift is None else shift
+    shift = run_cfg.wan.flow_shift if shift is None else shift
     if steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {steps}")
     device = next(trained.model.parameters()).device
@@ -204,7 +171,7 @@ def generate_videos(
     if image_to_video and (images is None or len(images) != len(prompts)):
         raise ConfigError("this is an image-to-video model: give --image (the first frame)")
     if parts is None:
-        parts = load_frozen_parts(run_cfg.model.path, vae=run_cfg.model.vae, text_len=run_cfg.data.text_len,
+        parts = load_frozen_parts(run_cfg.model.path, vae=run_cfg.wan.vae, text_len=run_cfg.wan.text_len,
                                   image_to_video=image_to_video, device=device)
     parts.check_video_shape(frames, height, width)
     latent_shape = parts.latent_shape(frames, height, width)
@@ -320,13 +287,13 @@ def _write_outputs(trained: TrainedDiT, prompts: Sequence[str], videos: torch.Te
         path = Path(out) if single else Path(out) / f"clip_{i:03d}.mp4"
         record: dict[str, Any] = {"prompt": prompt, **save_clip(video, path)}
         if score:
-            from openspeed.data.moving_shapes import score_clip
+            from openspeed.models.wan.moving_shapes import score_clip
 
             record.update(score_clip(video_to_uint8(video), prompt))
         records.append(record)
     summary: dict[str, Any] = {"step": trained.step, "ema": trained.ema, "clips": records}
     if score:
-        from openspeed.data.moving_shapes import summarise_scores
+        from openspeed.models.wan.moving_shapes import summarise_scores
 
         summary["scores"] = summarise_scores(records)
     if not single:

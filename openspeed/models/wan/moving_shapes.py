@@ -158,30 +158,30 @@ def make_moving_shapes(
 def prepare_demo(cfg) -> None:
     """``data.generate: moving_shapes``: make the clips and the tiny pipeline a run needs, once.
 
-    The clips (``data.generate_num`` of them, ``data.generate_jitter``) match the first of
-    ``data.video_buckets`` and are written beside ``data.train_path`` (or in ``data.generate_dir``).
+    The clips (``data.generate_num`` of them, ``wan.generate_jitter``) match the first of
+    ``wan.video_buckets`` and are written beside ``data.train_path`` (or in ``data.generate_dir``).
     When ``model.path`` does not exist a tiny random pipeline is written there (pixel space with
-    ``model.vae: identity``), its DiT configured by ``data.generate_dit``, without transformer weights:
+    ``wan.vae: identity``), its DiT configured by ``wan.generate_dit``, without transformer weights:
     the trainer initialises the DiT from ``train.seed``.
     """
     import sys
 
     from openspeed.data.video_text import parse_buckets
-    from openspeed.data.wan_pipeline import write_tiny_wan_pipeline
+    from openspeed.models.wan.pipeline_io import write_tiny_wan_pipeline
 
-    data = cfg.data
+    data, wan = cfg.data, cfg.wan
     if not os.path.exists(data.train_path):
-        frames, height, width = parse_buckets(data.video_buckets)[0]
+        frames, height, width = parse_buckets(wan.video_buckets)[0]
         out_dir = data.generate_dir or os.path.dirname(os.path.abspath(data.train_path))
         print(f"generating the moving-shapes demo set ({data.generate_num} clips of {frames}x{height}x{width}) "
               f"in {out_dir}", file=sys.stderr)
         make_moving_shapes(out_dir, data.generate_num, frames=frames, height=height, width=width,
-                           seed=cfg.train.seed, jitter=data.generate_jitter, jsonl=data.train_path)
+                           seed=cfg.train.seed, jitter=wan.generate_jitter, jsonl=data.train_path)
     if cfg.model.path and not os.path.exists(cfg.model.path):
         print(f"writing a tiny Wan2.1 pipeline to {cfg.model.path}", file=sys.stderr)
-        write_tiny_wan_pipeline(cfg.model.path, pixel_space=cfg.model.vae == "identity", seed=cfg.train.seed,
-                                words=vocabulary(), transformer=dict(data.generate_dit),
-                                transformer_weights=False, flow_shift=cfg.train.flow_shift)
+        write_tiny_wan_pipeline(cfg.model.path, pixel_space=wan.vae == "identity", seed=cfg.train.seed,
+                                words=vocabulary(), transformer=dict(wan.generate_dit),
+                                transformer_weights=False, flow_shift=wan.flow_shift)
 
 
 def eval_prompts(num: int, seed: int = 1) -> list[str]:
