@@ -7,7 +7,7 @@ Results and their reading: ``benchmarks/RESULTS.md``.
 The model is the issue's ~60M-parameter Qwen2.5-VL (text: vocab 32000, hidden 512, MLP 1408, 8 layers,
 8 query / 2 key-value heads, ``mrope_section`` [8, 12, 12], rope theta 1e6; vision: depth 4, hidden 256,
 MLP 704, 4 heads, patch 14, merge 2, temporal patch 2, window 112, full attention in block 3). It is
-built once from a seed (``openspeed.training.init.init_weights``, as the trainer initialises), and the
+built once from a seed (``openspeed.models.init.init_weights``, as the trainer initialises), and the
 same weights are loaded into every OpenSpeed copy and, renamed with ``native_to_hf``, into Hugging
 Face's ``Qwen2_5_VLForConditionalGeneration`` (built from the same config, SDPA attention).
 
@@ -79,13 +79,13 @@ from openspeed.config import OptimConfig
 from openspeed.data.collator import VLCollator, count_label_tokens
 from openspeed.errors import ConfigError, OpenSpeedError
 from openspeed.memory import SavedBytesMeter, apply_recompute
+from openspeed.models.init import init_weights
 from openspeed.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLModel, native_to_hf
 from openspeed.models.qwen2_5_vl.config import TextConfig, VisionConfig
 from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
 from openspeed.models.registry import get_model_spec
 from openspeed.ops.level import optimization_level_scope
 from openspeed.tasks.vlm_sft import MODEL_INPUTS, VLMTask
-from openspeed.training.init import init_weights
 from openspeed.training.optim import build_optimizer
 
 MiB = 1024 * 1024

@@ -9,6 +9,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
+# The multi-process and end-to-end tier: modules that launch training runs or spawn process groups.
+# ``make test-fast`` (pytest -m "not slow") runs the rest, the unit tier, in under two minutes.
+SLOW_MODULES = {
+    "test_chat_convert_cli", "test_context_parallel", "test_context_parallel_model", "test_family_core",
+    "test_generate_eval_export", "test_generation", "test_memory", "test_mfu", "test_packing",
+    "test_parallel_layouts", "test_pipeline", "test_robustness", "test_schedule_checkpoint",
+    "test_tensor_parallel", "test_training", "test_vlm_lora", "test_wan_parallel", "test_wan_training",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):

@@ -222,7 +222,7 @@ def untrained_run(tmp_path_factory):
     import torch.distributed.checkpoint as dcp
 
     from openspeed.config import RunConfig, dump_yaml
-    from openspeed.training.init import init_weights
+    from openspeed.models.init import init_weights
     from openspeed.training.model_setup import model_config_from_run
 
     root = tmp_path_factory.mktemp("evalrun")

@@ -7,9 +7,9 @@ from openspeed.config import OptimConfig
 from openspeed.data.collator import VLCollator
 from openspeed.data.conversation import ConversationDataset
 from openspeed.data.processor import VLProcessor
+from openspeed.models.init import init_weights
 from openspeed.models.loading import read_hf_config
 from openspeed.models.registry import get_model_spec
-from openspeed.training.init import init_weights
 from openspeed.training.model_setup import apply_freeze
 from openspeed.training.optim import build_optimizer
 

@@ -21,8 +21,8 @@ from openspeed.data.shapes import make_shapes_dataset
 from openspeed.errors import BadSampleError, CheckpointError, DataError
 from openspeed.eval import chance_accuracy, evaluate_vqa, normalize_answer, score_predictions
 from openspeed.inference import build_prompt_sample, greedy_generate
+from openspeed.models.init import init_weights
 from openspeed.training.export import export_hf
-from openspeed.training.init import init_weights
 from openspeed.training.model_setup import model_config_from_run
 from openspeed.training.plotting import plot_losses
 from openspeed.training.run_loading import load_trained_model

@@ -387,8 +387,8 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
 
     from openspeed.distributed.fsdp import apply_fsdp
     from openspeed.distributed.mesh import build_mesh
+    from openspeed.models.init import copy_full_into
     from openspeed.models.qwen2_5_vl import reset_non_persistent_buffers
-    from openspeed.training.init import copy_full_into
 
     dims = build_mesh({"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1}, "cpu")
     # Each rank takes one sample; the loss is normalised by the global token count, so the summed

@@ -243,8 +243,8 @@ def test_pipeline_matches_single_process(tmp_path):
 
 def _reference(config: Qwen2_5_VLConfig, batches: list[dict], num_items: int):
     """Single-process gradient accumulation over ``batches``: (full model, summed loss)."""
+    from openspeed.models.init import init_weights
     from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel
-    from openspeed.training.init import init_weights
 
     torch.manual_seed(0)
     model = Qwen2_5_VLModel(config)
@@ -311,13 +311,13 @@ def _run_scenario(
         sync_tied_grads,
     )
     from openspeed.inference.generate import greedy_generate
+    from openspeed.models.init import init_weights
     from openspeed.models.qwen2_5_vl.model import Qwen2_5_VLModel, reset_non_persistent_buffers
     from openspeed.models.qwen2_5_vl.pipeline import (
         Qwen2_5_VLPipelinePacker,
         stage_loss,
         stage_modules_for_rank,
     )
-    from openspeed.training.init import init_weights
 
     name, layers, tie, schedule, virtual, explicit, check_logits = scenario
     all_batches = all_batches or batches

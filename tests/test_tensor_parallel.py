@@ -53,7 +53,7 @@ def test_non_dividing_tp_is_one_line_config_error():
 
 def _full_value(name: str, shape: torch.Size) -> torch.Tensor:
     """Deterministic non-trivial weights: norms near 1, biases non-zero (so bias handling shows)."""
-    from openspeed.training.init import param_generator
+    from openspeed.models.init import param_generator
 
     gen = param_generator(11, name)
     noise = torch.empty(shape).normal_(0.0, 1.0, generator=gen)
@@ -63,7 +63,7 @@ def _full_value(name: str, shape: torch.Size) -> torch.Tensor:
 
 
 def _init(model: torch.nn.Module) -> None:
-    from openspeed.training.init import copy_full_into
+    from openspeed.models.init import copy_full_into
 
     for name, param in model.named_parameters():
         copy_full_into(param, _full_value(name, param.shape))

@@ -21,8 +21,8 @@ from openspeed.data.collator import VLCollator
 from openspeed.data.conversation import ConversationDataset
 from openspeed.data.processor import VLProcessor
 from openspeed.lora import LoRALinear, lora_modules, merge_lora
+from openspeed.models.init import init_weights
 from openspeed.models.loading import load_hf_state_dict
-from openspeed.training.init import init_weights
 from openspeed.training.model_setup import model_config_from_run
 from openspeed.training.run_loading import load_lora_run
 
@@ -67,7 +67,7 @@ def lora_run(shapes_dir, tmp_path_factory):
     base = _write_base_model(shapes_dir, os.path.join(tmp, "base"))
     result = run_train(_lora_config(tmp, shapes_dir, base))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LoRA rank 4 on 38 linear layers" in result.stderr
+    assert "LoRA rank 4 on 38 layers" in result.stderr
     run_dir = os.path.join(tmp, "run")
     return run_dir, base, train_losses(run_dir)
 

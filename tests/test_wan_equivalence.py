@@ -230,8 +230,8 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from openspeed.distributed.mesh import build_mesh
+    from openspeed.models.init import copy_full_into
     from openspeed.models.registry import get_model_spec
-    from openspeed.training.init import copy_full_into
 
     spec = get_model_spec("WanTransformer3DModel")
     config = WanConfig(**I2V)

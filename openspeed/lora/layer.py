@@ -158,7 +158,7 @@ def init_lora(model: nn.Module, seed: int) -> None:
 
     ``A`` is drawn from (seed, parameter name) on its full shape, so sharded models start identical.
     """
-    from openspeed.training.init import copy_full_into, param_generator
+    from openspeed.models.init import copy_full_into, param_generator
 
     for name, module in lora_modules(model).items():
         a_name = f"{name}.lora_A.weight"

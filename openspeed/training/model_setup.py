@@ -12,9 +12,9 @@ from torch import nn
 from openspeed.config import RunConfig
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.errors import CheckpointError, ConfigError
+from openspeed.models.init import copy_full_into, init_weights
 from openspeed.models.loading import has_hf_weights, load_hf_state_dict, model_config_from_run, model_dir
 from openspeed.models.registry import ModelSpec
-from openspeed.training.init import copy_full_into, init_weights
 
 
 def apply_freeze(model: nn.Module, spec: ModelSpec, parts: list[str]) -> int:

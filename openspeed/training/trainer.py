@@ -39,7 +39,7 @@ from openspeed.lora import adapter_view, lora_state_dict, save_peft_adapter
 from openspeed.memory import adaptive_recompute, max_over_ranks, measure_layers, optimizer_state_bytes
 from openspeed.memory.adaptive import GB
 from openspeed.models.loading import model_config_from_run
-from openspeed.ops.level import set_optimization_level
+from openspeed.ops.level import fused, optimization_level, set_optimization_level
 from openspeed.tasks.base import EvalContext
 from openspeed.training import checkpoint as ckpt
 from openspeed.training.ema import WeightEMA
@@ -373,6 +373,11 @@ class Trainer:
 
         metrics = self.metrics = MetricsWriter(run_dir, enabled=self.is_main, resume_step=start_step,
                                                tensorboard=cfg.logging.tensorboard)
+        # What this run computes with: the level's op paths and the optimizer that implements them.
+        first = optim.optimizers[0] if optim.optimizers else None
+        metrics.log({"step": start_step, "family": spec.name, "optimization_level": optimization_level(),
+                     "fused_ops": fused(), "optimizer": type(first).__name__ if first is not None else None,
+                     "optimizer_fast": bool(getattr(first, "fast", False))})
         schedule = GlobalBatchSchedule(len(task.train_set), cfg.train.global_batch_size, cfg.train.seed)
         stop = _StopFlag()
         stop.install()

@@ -140,7 +140,7 @@ def _extract_features(args: list[str]) -> int:
     check_paths(cfg)
     if cfg.family != "wan":
         raise OpenSpeedError(f"data extract-features: {cfg.model.path} is a {cfg.family} model, not a Wan pipeline")
-    from openspeed.models.wan.features import extract_features
+    from openspeed.models.wan.extract import extract_features
 
     done = extract_features(cfg, ns.out, shard_samples=max(1, ns.shard_samples))
     print(f"wrote features of {done['samples']} samples ({done['skipped']} skipped) to {done['out']}; "
