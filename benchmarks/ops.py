@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.machine import commit, cpu_name
-from openspeed.ops import adamw, cross_entropy, grad_accum, rms_norm, rope, swiglu
+from openspeed.ops import adamw, cross_entropy, rms_norm, rope, swiglu
 
 MiB = 1024 * 1024
 
@@ -218,41 +218,6 @@ def cross_entropy_cases(tokens: int, hidden: int, vocab: int, dtypes, recompute:
     return cases
 
 
-def grad_accum_cases(tokens: int, hidden: int, inter: int) -> list[Case]:
-    def make():
-        weight = torch.nn.Parameter((torch.randn(inter, hidden) * 0.02).bfloat16())
-        grad_accum.attach_main_grad([weight])
-        return [_randn(tokens, hidden, dtype=torch.bfloat16), weight]
-
-    def run(t, fast):
-        out = grad_accum.linear_with_grad_accumulation(t[0], t[1], fast=fast)
-        return out.float().sum()
-
-    return [Case("grad-accum linear", f"x ({tokens}, {hidden}) -> {inter}", torch.bfloat16, make, run)]
-
-
-def time_grad_accum(case: Case, repeats: int) -> dict[str, float]:
-    """One micro-batch: forward, backward and (reference) the fp32 accumulation of ``.grad``."""
-    inputs = case.make()
-    weight = inputs[1]
-
-    def once(fast: bool) -> float:
-        start = clock()
-        case.run(inputs, fast).backward()
-        if not fast:
-            grad_accum.accumulate_into_main_grad([weight])
-        inputs[0].grad = None
-        return clock() - start
-
-    once(False), once(True)
-    samples: dict[bool, list[float]] = {False: [], True: []}
-    for i in range(repeats):
-        for fast in (False, True) if i % 2 == 0 else (True, False):
-            samples[fast].append(once(fast))
-    ref, fast = statistics.median(samples[False]), statistics.median(samples[True])
-    return {"ref_fwd": float("nan"), "fast_fwd": float("nan"), "ref_total": ref, "fast_total": fast}
-
-
 def time_adamw(num_params: int, repeats: int, ema_decay: float = 0.999) -> tuple[str, dict[str, float]]:
     """Median seconds per optimizer step (with EMA) for a set of transformer-like parameter shapes."""
     torch.manual_seed(0)
@@ -290,7 +255,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return "-" if seconds != seconds else f"{seconds * 1e3:.2f}"
+    return f"{seconds * 1e3:.2f}"
 
 
 def _header() -> str:
@@ -308,8 +273,8 @@ TABLE_HEAD = (
 )
 
 
-def report_case(case: Case, repeats: int, timer=time_case) -> str:
-    t = timer(case, repeats)
+def report_case(case: Case, repeats: int) -> str:
+    t = time_case(case, repeats)
     ref_total, ref_own = saved_bytes(case, fast=False)
     fast_total, fast_own = saved_bytes(case, fast=True)
     return (
@@ -325,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per path (default 9, quick 3)"
     )
-    parser.add_argument("--only", default=None, help="one of rms_norm, swiglu, rope, ce, grad_accum, adamw")
+    parser.add_argument("--only", default=None, help="one of rms_norm, swiglu, rope, ce, adamw")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: CPU-time clock)")
     args = parser.parse_args(argv)
     global clock
@@ -362,14 +327,6 @@ def main(argv: list[str] | None = None) -> None:
         for case in cases:
             print(report_case(case, repeats), flush=True)
         print()
-    if want("grad_accum"):
-        print(f"## Gradient-accumulation fusion (one micro-batch incl. accumulation)\n\n{TABLE_HEAD}")
-        for case in grad_accum_cases(tokens, hidden, inter):
-            print(report_case(case, repeats, timer=time_grad_accum), flush=True)
-        print(
-            f"\nThe reference also materialises a bf16 weight `.grad` of {inter * hidden * 2 / MiB:.1f} MiB "
-            "per micro-batch; the fast path writes into `main_grad` directly.\n"
-        )
     if want("adamw"):
         shape, t = time_adamw(2_000_000 if args.quick else 20_000_000, repeats)
         print("## AdamW + EMA (one optimizer step)\n")

@@ -101,3 +101,10 @@ def test_every_optimization_level_trains_to_the_same_losses(level, reference_run
     result = run_train(config)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+    # What each level ran: level 0 the reference ops and torch's AdamW, 1 and 2 the fused ones.
+    (ran,) = [r for r in read_metrics(str(tmp_path / "run")) if "optimizer" in r]
+    (ref,) = [r for r in read_metrics(ref_dir) if "optimizer" in r]
+    assert (ref["optimization_level"], ref["fused_ops"], ref["optimizer"], ref["optimizer_fast"]) == (
+        2, True, "AdamWEMA", True)
+    expected = (False, "AdamW") if level == 0 else (True, "AdamWEMA")
+    assert (ran["optimization_level"], ran["fused_ops"], ran["optimizer"]) == (level, *expected)

@@ -30,16 +30,17 @@ from openspeed.errors import BadSampleError, ConfigError, DataError
 Bucket = tuple[int, int, int]
 
 
-def parse_buckets(values: Sequence[str]) -> list[Bucket]:
-    """``["8x16x16", ...]`` -> ``[(8, 16, 16), ...]`` (frames x height x width); ``ConfigError`` if malformed."""
+def parse_buckets(values: Sequence[str], key: str = "video_buckets") -> list[Bucket]:
+    """``["8x16x16", ...]`` -> ``[(8, 16, 16), ...]`` (frames x height x width); a ``ConfigError``
+    naming the config ``key`` they came from if malformed."""
     buckets: list[Bucket] = []
     for value in values:
         parts = str(value).lower().split("x")
         if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"wan.video_buckets: '{value}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")
+            raise ConfigError(f"{key}: '{value}' is not FRAMESxHEIGHTxWIDTH (e.g. 81x480x832)")
         buckets.append(tuple(int(p) for p in parts))  # type: ignore[arg-type]
     if not buckets:
-        raise ConfigError("wan.video_buckets: give at least one FRAMESxHEIGHTxWIDTH bucket")
+        raise ConfigError(f"{key}: give at least one FRAMESxHEIGHTxWIDTH bucket")
     return buckets
 
 

@@ -21,11 +21,12 @@ rows) and applies it at once:
   between forward and backward beyond the weight itself.
 
 Only rows with a target enter the chunks (the others contribute neither loss nor gradient), so the
-LM head's three matmuls run over the labelled tokens alone. Either way at most one chunk of logits (``chunk_size x V`` fp32) exists at a time. The loss is the fp32
-sum of per-chunk sums. The weight gradient is accumulated over chunks in an fp32 buffer by an
-fp32-accumulating GEMM (``grad_accum.addmm_fp32_``: mixed precision where the device has it, upcast
-operands on the CPU) and cast to the weight's dtype once. Stashed gradients are scaled in place, so
-the graph cannot be backpropagated twice (``retain_graph=True`` + a second ``backward`` raises).
+LM head's three matmuls run over the labelled tokens alone. Either way at most one chunk of logits
+(``chunk_size x V`` fp32) exists at a time. The loss is the fp32 sum of per-chunk sums. The weight
+gradient is accumulated over chunks in an fp32 buffer by an fp32-accumulating GEMM
+(:func:`addmm_fp32_`: mixed precision where the device has it, upcast operands on the CPU) and cast
+to the weight's dtype once. Stashed gradients are scaled in place, so the graph cannot be
+backpropagated twice (``retain_graph=True`` + a second ``backward`` raises).
 
 The fast path works on plain tensors; under tensor parallelism (vocab-sharded logits inside
 ``loss_parallel``) keep the reference.
@@ -35,8 +36,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from openspeed.ops.grad_accum import addmm_fp32_
 
 IGNORE_INDEX = -100
 
@@ -65,6 +64,41 @@ def linear_cross_entropy_reference(
         logits.float(), targets.reshape(-1), ignore_index=ignore_index, reduction=reduction
     )
     return loss if divisor is None else loss / divisor
+
+
+# (device type, operand dtype) pairs for which ``torch.addmm(..., out_dtype=torch.float32)`` works
+# (True) or not (False); probed once each.
+_MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _mixed_addmm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype == torch.float32:
+        return False
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        try:
+            a = torch.zeros(2, 2, dtype=dtype, device=device)
+            acc = torch.zeros(2, 2, device=device)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM[key] = True
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MIXED_ADDMM[key] = False
+    return _MIXED_ADDMM[key]
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc (fp32) += a @ b`` in place, accumulating in fp32 without rounding the product to ``a``'s dtype.
+
+    The fast path's weight-gradient accumulator over chunks. Low-precision ``a``/``b`` go straight into
+    a mixed-precision GEMM (``addmm(..., out_dtype=float32)``) where the device has one (CUDA), and are
+    upcast to fp32 otherwise (on the CPU that is also the faster choice without AMX). Either way the
+    result is at least as exact as summing per-chunk products rounded to the low precision.
+    """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if _mixed_addmm_supported(acc.device, a.dtype):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    return acc.addmm_(a.float(), b.float())
 
 
 def _chunk_loss_and_grad_logits(

@@ -197,6 +197,7 @@ class Trainer:
     family through its task, :mod:`openspeed.tasks.base`):
 
     * :meth:`build_model` -> ``(parts, spec, config, adapted)``;
+    * :meth:`step_work` -> what this rank runs in a step (its forwards) and their FLOPs;
     * :meth:`forward_backward` -> the step's summed loss (a device tensor, before the dp reduction);
     * :meth:`train_step` -> the step's loss, gradient norm and learning rate.
     """
@@ -211,22 +212,18 @@ class Trainer:
         """This rank's model parts, their spec and config, and the LoRA-adapted module names."""
         return build_training_model(self.cfg, dims, self.acc.device)
 
-    def forward_backward(self, batches: list, step: int, num_items: int):
-        """Forward and backward over this rank's micro-batches; returns the summed loss (on the device)
-        and sets :attr:`step_flops` (this rank's model FLOPs of the step)."""
+    def forward_backward(self, work: list, step: int, num_items: int):
+        """Forward and backward over this rank's work of the step (:meth:`step_work`); returns the
+        summed loss, on the device."""
         cfg, acc, task, model = self.cfg, self.acc, self.task, self.model
         if self.pipe is not None:
-            self.step_flops = sum(task.flops(b) for b in batches)
             with acc.autocast(cfg.train.precision), loss_context(model):
-                loss_sum = pipeline_train_step(self.pipe, batches, num_items)
+                loss_sum = pipeline_train_step(self.pipe, work, num_items)
             sync_tied_grads(self.pipe)
             return torch.as_tensor(loss_sum, dtype=torch.float64)
-        forwards = self.step_forwards(batches, step)
-        # Model FLOPs of the useful forwards (weightless padding ones do no model work).
-        self.step_flops = sum(task.flops(inputs) for inputs, scale in forwards if scale)
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for i, (inputs, scale) in enumerate(forwards):
-            set_gradient_sync(model, i == len(forwards) - 1)
+        for i, (inputs, scale) in enumerate(work):
+            set_gradient_sync(model, i == len(work) - 1)
             with acc.autocast(cfg.train.precision), loss_context(model):
                 adaptive = self.adaptive
                 if adaptive is not None and adaptive.report is None:
@@ -241,10 +238,10 @@ class Trainer:
             loss_sum += plain_tensor(loss).detach().double()
         return loss_sum
 
-    def train_step(self, batches: list, step: int, num_items: int) -> tuple[float, float, float]:
+    def train_step(self, work: list, step: int, num_items: int) -> tuple[float, float, float]:
         """One optimizer step: forward/backward, loss reduction, clipping, update, EMA, schedule.
         Returns ``(loss, grad_norm, lr)``."""
-        loss_sum = self.forward_backward(batches, step, num_items)
+        loss_sum = self.forward_backward(work, step, num_items)
         dist.all_reduce(loss_sum, group=self.loss_group)
         grad_norm = clip_grad_norm(self.trainable, self.cfg.train.grad_clip, self.norm_group, self.norm_skip)
         lr = self.optim.lr
@@ -260,9 +257,20 @@ class Trainer:
 
     # ---------------------------------------------------------------- pieces
 
+    def step_work(self, batches: list, step: int) -> tuple[list, float]:
+        """What this rank runs in the step, and its model FLOPs.
+
+        The work is the micro-batches themselves for a pipeline, else ``(inputs, scale)`` of every
+        forward (scale 0: a weightless forward that keeps this rank in step with one that has more,
+        FSDP needing every rank; it does no model work, so it counts no FLOPs).
+        """
+        if self.pipe is not None:
+            return batches, sum(self.task.flops(b) for b in batches)
+        forwards = self.step_forwards(batches, step)
+        return forwards, sum(self.task.flops(inputs) for inputs, scale in forwards if scale)
+
     def step_forwards(self, batches: list, step: int) -> list[tuple]:
-        """``(inputs, scale)`` of every forward this rank runs in the step (scale 0: a weightless
-        forward that keeps this rank in step with one that has more, FSDP needing every rank)."""
+        """``(inputs, scale)`` of every forward this rank runs in the step (see :meth:`step_work`)."""
         per_batch = [self.task.forwards(b, step) for b in batches]
         if not self.task.uneven_forwards or self.dp_size == 1:
             return [(f, 1.0) for fs in per_batch for f in fs]
@@ -405,11 +413,11 @@ class Trainer:
             profiler.before_step(step)
             t0 = time.perf_counter()
             task.skipped.update(skips)
-            targets, tokens = _all_reduce(sum(task.count_targets(b) for b in batches),
-                                          sum(task.count_tokens(b) for b in batches), group=self.dp_group)
-            last_loss, grad_norm, lr = self.train_step(batches, step, int(targets))
-            # FLOPs of what this rank ran (counted after the step: a task may encode in its forwards).
-            flops = _all_reduce(self.step_flops, group=self.dp_group)[0]
+            work, flops = self.step_work(batches, step)
+            targets, tokens, flops = _all_reduce(sum(task.count_targets(b) for b in batches),
+                                                 sum(task.count_tokens(b) for b in batches), flops,
+                                                 group=self.dp_group)
+            last_loss, grad_norm, lr = self.train_step(work, step, int(targets))
             if self.adaptive is not None and self.adaptive.choice is None:
                 choice = self.adaptive.decide(model, optim, cfg.memory.budget_gb)
                 metrics.log({"step": step, "adaptive_recompute": choice.recompute,

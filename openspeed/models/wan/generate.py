@@ -132,7 +132,7 @@ def default_shape(run_cfg: RunConfig) -> tuple[int, int, int]:
     """(frames, height, width) of the run's first bucket."""
     from openspeed.data.video_text import parse_buckets
 
-    return parse_buckets(run_cfg.wan.video_buckets)[0]
+    return parse_buckets(run_cfg.wan.video_buckets, "wan.video_buckets")[0]
 
 
 @torch.no_grad()

@@ -171,7 +171,7 @@ def prepare_demo(cfg) -> None:
 
     data, wan = cfg.data, cfg.wan
     if not os.path.exists(data.train_path):
-        frames, height, width = parse_buckets(wan.video_buckets)[0]
+        frames, height, width = parse_buckets(wan.video_buckets, "wan.video_buckets")[0]
         out_dir = data.generate_dir or os.path.dirname(os.path.abspath(data.train_path))
         print(f"generating the moving-shapes demo set ({data.generate_num} clips of {frames}x{height}x{width}) "
               f"in {out_dir}", file=sys.stderr)

@@ -102,7 +102,7 @@ class WanFlowMatchingTask:
         else:
             self.parts = load_frozen_parts(cfg.model.path, vae=cfg.wan.vae, text_len=cfg.wan.text_len,
                                            image_to_video=self.image_to_video, device=self.device)
-            buckets = parse_buckets(cfg.wan.video_buckets)
+            buckets = parse_buckets(cfg.wan.video_buckets, "wan.video_buckets")
             for bucket in buckets:
                 self.parts.check_video_shape(*bucket)
                 _, f, h, w = self.parts.latent_shape(*bucket)
