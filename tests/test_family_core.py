@@ -278,26 +278,26 @@ def test_wan_keys_do_what_they_say(tmp_path):
     assert moved == {"patch_embed": True, "condition_embed": False, "blocks": True, "head": False}
 
 
-def test_vlm_ema_is_kept_and_exported(shapes_dir, tmp_path):
+def test_vlm_ema_is_kept_and_exported(shapes_dir, reference_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from openspeed.training.export import export_run
+
     config = make_tiny_run_config(str(tmp_path), shapes_dir, train={"max_steps": 3, "ema_decay": 0.5},
                                   checkpoint={"save_final": True})
     result = run_train(config)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = str(tmp_path / "run")
+    state = json.loads(open(os.path.join(run_dir, "checkpoints", "step_3", "train_state.json")).read())
+    assert state["ema"] is True
     plain, averaged = tmp_path / "plain", tmp_path / "ema"
-    assert _cli("convert", run_dir, "--to", "hf", "--out", str(plain)).returncode == 0
-    done = _cli("convert", run_dir, "--to", "hf", "--out", str(averaged), "--ema")
-    assert done.returncode == 0, done.stderr
-    from safetensors.torch import load_file
-
+    export_run(run_dir, plain, to="hf")
+    assert "Hugging Face-format" in export_run(run_dir, averaged, to="hf", ema=True)
     a, b = load_file(str(plain / "model.safetensors")), load_file(str(averaged / "model.safetensors"))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-6  # the average lags the weights
-    state = json.loads(open(os.path.join(run_dir, "checkpoints", "step_3", "train_state.json")).read())
-    assert state["ema"] is True
-    os.makedirs(tmp_path / "b", exist_ok=True)
-    no_ema = make_tiny_run_config(str(tmp_path / "b"), shapes_dir, train={"max_steps": 1},
-                                  checkpoint={"save_final": True})
-    assert run_train(no_ema).returncode == 0
-    refused = _cli("convert", str(tmp_path / "b" / "run"), "--to", "hf", "--out", str(tmp_path / "x"), "--ema")
-    assert refused.returncode == 2 and "has no checkpoint with EMA weights" in refused.stderr
+    # A run without train.ema_decay has none to export: one line, exit 2.
+    ref_dir, _ = reference_run
+    refused = _cli("convert", ref_dir, "--to", "hf", "--out", str(tmp_path / "x"), "--ema")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "has no checkpoint with EMA weights" in refused.stderr

@@ -198,7 +198,7 @@ def test_input_errors_and_tensor_parallel_sizes(tmp_path):
     dims = SimpleNamespace(sizes={"tp": 3}, dp_enabled=False)
     with pytest.raises(ConfigError, match="parallel.tp=3 does not divide num_attention_heads=2"):
         spec.parallelize(native, dims, SimpleNamespace(parallel=SimpleNamespace(zero_stage=3)))
-    assert spec.part_of("blocks.0.ffn.fc1.weight") == "dit"
+    assert spec.part_of("blocks.0.ffn.fc1.weight") == "blocks"
     assert spec.flops is training_flops
 
 

@@ -55,12 +55,14 @@ class ModelSpec:
         pipeline: the :class:`PipelinePlan`, or ``None`` when the family has none.
         memory_plan: ``model -> openspeed.memory.MemoryPlan``: the layer stacks and their attention /
             MLP / norm modules that recomputation and activation offload act on (``None``: none).
-        task: ``(run_config, device, model_config) -> task``: the family's training task (samples ->
+        task: ``(run_config, device, model_config, spec) -> task``: the family's training task (samples ->
             batches -> loss, counts, FLOPs, evaluation; see :mod:`openspeed.tasks.base`).
         module_name_to_ref: native module name -> the reference library's (``None``: the same). LoRA
             targets may use either spelling, and adapters are written in the reference's.
         check_layout: ``(run_config, sizes)``; one-line ``ConfigError`` for a parallel layout the
             family's plans cannot run (``None``: every layout the generic checks allow).
+        trainer: the training loop's class for this family (``None``: :class:`openspeed.training.trainer.Trainer`);
+            a subclass overrides only its documented override points.
         export: ``(run_dir_or_checkpoint, out_dir, *, to, merge_lora, ema, max_shard_size_bytes)
             -> message``: ``openspeed convert`` of the family's runs (``None``: the Hugging Face
             transformers-format export of :mod:`openspeed.training.export`).
@@ -86,6 +88,7 @@ class ModelSpec:
     module_name_to_ref: Callable[[str], str] | None = None
     check_layout: Callable[[Any, dict], None] | None = None
     export: Callable[..., str] | None = None
+    trainer: type | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
