@@ -182,8 +182,8 @@ def run_training(cfg: RunConfig) -> dict:
     # A process group that is already up (a test's workers, a caller's own) is left to its owner.
     owns_group = not dist.is_initialized()
     rank, world = init_distributed()
-    spec, _ = model_config_from_run(cfg)
     try:
+        spec, _ = model_config_from_run(cfg)
         return (spec.trainer or Trainer)(cfg, acc, rank, world).train()
     finally:
         if owns_group:
