@@ -6,7 +6,7 @@ on first use.
 
 from __future__ import annotations
 
-import importlib
+from openspeed.models.lazy import lazy_exports
 
 _EXPORTS = {
     "Qwen2_5_VLConfig": "openspeed.models.qwen2_5_vl.config",
@@ -25,11 +25,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        importlib.import_module("openspeed.models.qwen2_5_vl.spec")  # registers the model type
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'openspeed.models.qwen2_5_vl' has no attribute '{name}'")
-
+__getattr__ = lazy_exports(__name__, "openspeed.models.qwen2_5_vl.spec", _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -6,7 +6,7 @@ on first use.
 
 from __future__ import annotations
 
-import importlib
+from openspeed.models.lazy import lazy_exports
 
 _EXPORTS = {
     "WanConfig": "openspeed.models.wan.config",
@@ -20,11 +20,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        importlib.import_module("openspeed.models.wan.spec")  # registers the model type
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'openspeed.models.wan' has no attribute '{name}'")
-
+__getattr__ = lazy_exports(__name__, "openspeed.models.wan.spec", _EXPORTS)
 
 __all__ = sorted(_EXPORTS)
