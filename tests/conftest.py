@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 # ``make test-fast`` (pytest -m "not slow") runs the rest, the unit tier, in under two minutes.
 SLOW_MODULES = {
     "test_chat_convert_cli", "test_context_parallel", "test_context_parallel_model", "test_family_core",
-    "test_generate_eval_export", "test_generation", "test_memory", "test_mfu", "test_packing",
+    "test_generate_eval_export", "test_generation", "test_memory", "test_mfu", "test_mixed_modality", "test_packing",
     "test_parallel_layouts", "test_pipeline", "test_robustness", "test_schedule_checkpoint",
     "test_tensor_parallel", "test_training", "test_vlm_lora", "test_wan_parallel", "test_wan_training",
 }
@@ -36,12 +36,49 @@ def shapes_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def reference_run(shapes_dir, tmp_path_factory):
-    """One process, 5 fp32 steps of the tiny model, checkpoint every 3 steps: what layouts must match."""
-    from _train_utils import make_tiny_run_config, run_train
+def warm_shapes_dir(shapes_dir, tmp_path_factory):
+    """The shapes set with a model trained to above-chance accuracy (20 steps, exported in HF format).
 
-    tmp = str(tmp_path_factory.mktemp("ref"))
-    config = make_tiny_run_config(tmp, shapes_dir, checkpoint={"interval": 3, "save_final": False})
+    Layout tests start from it, so their greedy-decoding accuracies are compared on a model that
+    answers something: two layouts that both score 0 would agree without proving anything.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    from _train_utils import ROOT, make_tiny_run_config, run_train
+
+    out = str(tmp_path_factory.mktemp("warm_shapes"))
+    data = os.path.join(out, "data")
+    shutil.copytree(shapes_dir, data, ignore=shutil.ignore_patterns("model"))
+    config = make_tiny_run_config(out, shapes_dir, train={"max_steps": 20}, optim={"lr": 5e-3, "warmup_steps": 2},
+                                  data={"val_path": None}, checkpoint={"save_final": True})
     result = run_train(config)
     assert result.returncode == 0, result.stderr[-3000:]
-    return os.path.join(tmp, "run"), result
+    export = subprocess.run(
+        [sys.executable, "-m", "openspeed", "convert", os.path.join(out, "run"), "--to", "hf",
+         "--out", os.path.join(data, "model")],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    return data
+
+
+@pytest.fixture(scope="session")
+def reference_run(warm_shapes_dir, tmp_path_factory):
+    """One process, 5 fp32 steps from the warm model, checkpoint every 3 steps: what layouts must match.
+
+    Its validation accuracy is above chance (checked), so layouts' accuracies are compared on a model
+    that answers some questions right.
+    """
+    from _train_utils import make_tiny_run_config, read_metrics, run_train
+
+    tmp = str(tmp_path_factory.mktemp("ref"))
+    config = make_tiny_run_config(tmp, warm_shapes_dir, checkpoint={"interval": 3, "save_final": False})
+    result = run_train(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = os.path.join(tmp, "run")
+    val = [r for r in read_metrics(run_dir) if "val_accuracy" in r][-1]
+    assert val["val_accuracy"] > 0.3, val  # chance on these questions is about 0.29
+    return run_dir, result

@@ -278,12 +278,12 @@ def test_wan_keys_do_what_they_say(tmp_path):
     assert moved == {"patch_embed": True, "condition_embed": False, "blocks": True, "head": False}
 
 
-def test_vlm_ema_is_kept_and_exported(shapes_dir, reference_run, tmp_path):
+def test_vlm_ema_is_kept_and_exported(warm_shapes_dir, reference_run, tmp_path):
     from safetensors.torch import load_file
 
     from openspeed.training.export import export_run
 
-    config = make_tiny_run_config(str(tmp_path), shapes_dir, train={"max_steps": 3, "ema_decay": 0.5},
+    config = make_tiny_run_config(str(tmp_path), warm_shapes_dir, train={"max_steps": 3, "ema_decay": 0.5},
                                   checkpoint={"save_final": True})
     result = run_train(config)
     assert result.returncode == 0, result.stderr[-3000:]

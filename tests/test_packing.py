@@ -18,7 +18,7 @@ from _qwen_tiny import (
     make_batch,
     native_config,
 )
-from _train_utils import assert_losses_close, make_tiny_run_config, read_metrics, run_train, train_losses
+from _train_utils import assert_curves_close, make_tiny_run_config, read_metrics, run_train, train_curve
 
 import openspeed.ops.attention as attn_module
 from openspeed.data.collator import IGNORE_INDEX, VLCollator, count_label_tokens
@@ -386,12 +386,12 @@ def test_packed_model_equals_padded(case):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_training_with_packing_matches_padded_run(reference_run, shapes_dir, tmp_path):
+def test_training_with_packing_matches_padded_run(reference_run, warm_shapes_dir, tmp_path):
     from openspeed.config import load_config
     from openspeed.tasks.vlm_sft import VLMTask
 
     ref_dir, _ = reference_run
-    config = make_tiny_run_config(str(tmp_path), shapes_dir, data={"packing": True})
+    config = make_tiny_run_config(str(tmp_path), warm_shapes_dir, data={"packing": True})
     # The task packs each micro-batch into one row, counting what the padded batch counts.
     task = VLMTask(load_config(config))
     packed = task.load_batch(task.train_set, [0, 1, 2])
@@ -404,7 +404,7 @@ def test_training_with_packing_matches_padded_run(reference_run, shapes_dir, tmp
     result = run_train(config)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = str(tmp_path / "run")
-    assert_losses_close(train_losses(run_dir), train_losses(ref_dir), rel=1e-4)
+    assert_curves_close(train_curve(run_dir), train_curve(ref_dir), rel=1e-4)
 
     def per_step(directory, key):
         return {r["step"]: r[key] for r in read_metrics(directory) if key in r and "loss" in r}

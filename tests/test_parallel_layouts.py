@@ -10,7 +10,7 @@ run's losses.
 import os
 
 import pytest
-from _train_utils import assert_losses_close, make_tiny_run_config, read_metrics, run_train, train_losses
+from _train_utils import assert_curves_close, make_tiny_run_config, read_metrics, run_train, train_curve
 
 TWO_PROCESS = {
     "tp2": "parallel.tp=2",
@@ -39,7 +39,7 @@ FOUR_PROCESS = {
 
 
 def _check_against_reference(run_dir: str, ref_dir: str) -> None:
-    assert_losses_close(train_losses(run_dir), train_losses(ref_dir))
+    assert_curves_close(train_curve(run_dir), train_curve(ref_dir))
     val = [r for r in read_metrics(run_dir) if "val_loss" in r][-1]
     ref_val = [r for r in read_metrics(ref_dir) if "val_loss" in r][-1]
     assert val["val_loss"] == pytest.approx(ref_val["val_loss"], rel=1e-4)
@@ -48,18 +48,18 @@ def _check_against_reference(run_dir: str, ref_dir: str) -> None:
 
 
 @pytest.mark.parametrize("layout", list(TWO_PROCESS), ids=list(TWO_PROCESS))
-def test_two_process_layout_matches_one_process(layout, reference_run, shapes_dir, tmp_path):
+def test_two_process_layout_matches_one_process(layout, reference_run, warm_shapes_dir, tmp_path):
     ref_dir, _ = reference_run
-    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    config = make_tiny_run_config(str(tmp_path), warm_shapes_dir)
     result = run_train(config, "--nproc", "2", *TWO_PROCESS[layout].split())
     assert result.returncode == 0, result.stderr[-3000:]
     _check_against_reference(str(tmp_path / "run"), ref_dir)
 
 
 @pytest.mark.parametrize("layout", list(FOUR_PROCESS), ids=list(FOUR_PROCESS))
-def test_four_process_layout_matches_one_process(layout, reference_run, shapes_dir, tmp_path):
+def test_four_process_layout_matches_one_process(layout, reference_run, warm_shapes_dir, tmp_path):
     ref_dir, _ = reference_run
-    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    config = make_tiny_run_config(str(tmp_path), warm_shapes_dir)
     result = run_train(config, "--nproc", "4", *FOUR_PROCESS[layout].split(), timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     _check_against_reference(str(tmp_path / "run"), ref_dir)
@@ -73,10 +73,10 @@ def test_four_process_layout_matches_one_process(layout, reference_run, shapes_d
     ],
     ids=["tp2_to_dp_shard2", "pp2_to_one_process"],
 )
-def test_checkpoint_resumes_under_another_layout(saved_under, resumed_under, reference_run, shapes_dir,
+def test_checkpoint_resumes_under_another_layout(saved_under, resumed_under, reference_run, warm_shapes_dir,
                                                  tmp_path):
     ref_dir, _ = reference_run
-    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    config = make_tiny_run_config(str(tmp_path), warm_shapes_dir)
     first = run_train(config, *saved_under, "train.exit_interval=3")
     assert first.returncode == 0, first.stderr[-3000:]
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step_3")
@@ -84,7 +84,7 @@ def test_checkpoint_resumes_under_another_layout(saved_under, resumed_under, ref
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "step 3" in second.stderr
     # Steps 4-5 continue from the resharded weights and optimizer state exactly as one process would.
-    assert_losses_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+    assert_curves_close(train_curve(str(tmp_path / "run")), train_curve(ref_dir))
 
 
 @pytest.mark.parametrize(
@@ -108,14 +108,14 @@ def test_bad_layouts_are_one_line_errors(args, message, shapes_dir, tmp_path):
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
 
 
-def test_adaptive_recompute_fits_the_budget_and_keeps_the_losses(reference_run, shapes_dir, tmp_path):
+def test_adaptive_recompute_fits_the_budget_and_keeps_the_losses(reference_run, warm_shapes_dir, tmp_path):
     # Per rank the tiny model (with its parameters and optimizer state) keeps ~8.5 MB without recompute and
     # ~6.4 MB with every layer recomputed: 0.0075 GiB needs some layers recomputed, on both ranks alike.
     ref_dir, _ = reference_run
-    config = make_tiny_run_config(str(tmp_path), shapes_dir)
+    config = make_tiny_run_config(str(tmp_path), warm_shapes_dir)
     result = run_train(config, "--nproc", "2", "parallel.dp_shard=2", "memory.budget_gb=0.0075")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_losses_close(train_losses(str(tmp_path / "run")), train_losses(ref_dir))
+    assert_curves_close(train_curve(str(tmp_path / "run")), train_curve(ref_dir))
     choice = [r for r in read_metrics(str(tmp_path / "run")) if "adaptive_recompute" in r]
     assert len(choice) == 1 and choice[0]["step"] == 1
     assert 0 < len(choice[0]["adaptive_recompute"]) and choice[0]["adaptive_estimated_gb"] <= 0.0075
@@ -147,14 +147,14 @@ def lora_reference(shapes_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora_ref")
     result = run_train(_lora_config(tmp, shapes_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    return train_losses(str(tmp / "run"))
+    return train_curve(str(tmp / "run"))
 
 
 @pytest.mark.parametrize("layout", list(LORA_LAYOUTS), ids=list(LORA_LAYOUTS))
 def test_lora_layout_matches_one_process(layout, lora_reference, shapes_dir, tmp_path):
     result = run_train(_lora_config(tmp_path, shapes_dir), "--nproc", "2", *LORA_LAYOUTS[layout].split())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_losses_close(train_losses(str(tmp_path / "run")), lora_reference)
+    assert_curves_close(train_curve(str(tmp_path / "run")), lora_reference)
 
 
 def test_lora_checkpoint_resumes_under_another_layout(lora_reference, shapes_dir, tmp_path):
@@ -165,4 +165,4 @@ def test_lora_checkpoint_resumes_under_another_layout(lora_reference, shapes_dir
     second = run_train(config, "--nproc", "2", "parallel.dp_shard=2", "train.resume=auto")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stderr and "step 3" in second.stderr
-    assert_losses_close(train_losses(str(tmp_path / "run")), lora_reference)
+    assert_curves_close(train_curve(str(tmp_path / "run")), lora_reference)

@@ -91,6 +91,27 @@ def test_gradients_match_hf(saved):
     native.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("name", ["text", "image", "video"])
+def test_vision_tower_runs_once_per_forward(saved, name):
+    """One tower call per forward whatever the batch holds (images and videos together; a blank
+    block for a text-only batch), so sharded ranks issue the same collectives. A text-only batch
+    gives the tower an exactly zero gradient (and the HF logits, in test_logits_and_loss_match_hf)."""
+    _, native, _ = saved
+    calls = []
+    handle = native.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    native.zero_grad(set_to_none=True)
+    try:
+        native(**make_batch(BATCHES[name], seed=3)).loss.backward()
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    grads = [p.grad for p in native.visual.parameters()]
+    assert all(g is not None for g in grads)
+    nonzero = sum(int(torch.count_nonzero(g)) for g in grads)
+    assert (nonzero == 0) if name == "text" else (nonzero > 0)
+    native.zero_grad(set_to_none=True)
+
+
 def test_bf16_load_keeps_fp32_rotary(saved):
     _, native, path = saved
     model = openspeed.from_pretrained(path, dtype=torch.bfloat16)

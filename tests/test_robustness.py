@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from _train_utils import ROOT, make_tiny_run_config, read_metrics, run_train, train_losses
+from _train_utils import ROOT, make_tiny_run_config, read_metrics, run_train, train_curve, train_losses
 
 
 def _popen_train(config, *args, env_extra=None):
@@ -58,10 +58,10 @@ def test_sigkill_during_save_resumes_from_previous_complete_checkpoint(shapes_di
     resumed = run_train(config, "train.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "at step 2" in resumed.stderr
-    losses, ref = train_losses(str(run_dir)), train_losses(str(tmp_path / "ref" / "run"))
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    for step in range(3, 7):
-        assert losses[step] == pytest.approx(ref[step], rel=1e-6, abs=0)
+    curve, ref = train_curve(str(run_dir)), train_curve(str(tmp_path / "ref" / "run"))
+    assert sorted(curve) == [1, 2, 3, 4, 5, 6]
+    for step in range(3, 7):  # loss and gradient norm
+        assert curve[step] == pytest.approx(ref[step], rel=1e-6, abs=0)
     # keep_last=1: the newest complete checkpoint survives, older ones and the torn one are gone.
     assert sorted(os.listdir(ckpts)) == ["step_6"]
 

@@ -541,25 +541,53 @@ class Qwen2_5_VLModel(nn.Module):
         """An empty :class:`KVCache` for this model, with room for ``capacity`` tokens per row."""
         return KVCache(self.config.text.num_hidden_layers, capacity)
 
-    def _scatter_vision(
+    def scatter_vision(
         self,
         embeds: torch.Tensor,
         input_ids: torch.Tensor,
-        token_id: int,
-        pixels: torch.Tensor | None,
-        grid_thw: torch.Tensor | None,
-        kind: str,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        pixel_values_videos: torch.Tensor | None,
+        video_grid_thw: torch.Tensor | None,
     ) -> torch.Tensor:
-        if pixels is None:
-            return embeds
-        if grid_thw is None:
-            raise ValueError(f"{kind} pixels were given without {kind}_grid_thw")
-        features = self.visual(pixels, grid_thw).to(embeds.dtype)
-        slots = input_ids == token_id
-        n_slots = int(slots.sum())
-        if n_slots != features.shape[0]:
-            raise ValueError(f"{n_slots} {kind} placeholder tokens but {features.shape[0]} {kind} features")
-        return embeds.masked_scatter(slots.unsqueeze(-1), features)
+        """Put the vision features of the batch's images and videos in place of their pad tokens.
+
+        The tower runs exactly once per call, on the images and videos together (its attention
+        stays inside each image / frame / window, so this equals encoding them apart), and also
+        when the batch has neither: then on one blank merge block whose features are added times
+        zero. So every forward issues the same vision-tower work whatever its data holds: the
+        collectives of a sharded tower (one data-parallel rank text-only, another with a video)
+        always match, and the tower's gradient from such a batch is exactly zero.
+        """
+        media = []
+        for kind, pixels, grid, token_id in (
+            ("image", pixel_values, image_grid_thw, self.config.image_token_id),
+            ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id),
+        ):
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind} pixels were given without {kind}_grid_thw")
+            media.append((kind, pixels, grid, token_id))
+        if not media:
+            vision = self.config.vision
+            m = vision.spatial_merge_size
+            blank = embeds.new_zeros(m * m, vision.patch_dim)
+            grid = torch.tensor([[1, m, m]], device=input_ids.device)
+            return embeds + self.visual(blank, grid).sum().to(embeds.dtype) * 0
+        features = self.visual(torch.cat([p for _, p, _, _ in media]), torch.cat([g for _, _, g, _ in media]))
+        features = features.to(embeds.dtype)
+        unit = self.config.vision.spatial_merge_size**2
+        start = 0
+        for kind, _, grid, token_id in media:
+            count = int(grid.prod(-1).sum()) // unit
+            slots = input_ids == token_id
+            n_slots = int(slots.sum())
+            if n_slots != count:
+                raise ValueError(f"{n_slots} {kind} placeholder tokens but {count} {kind} features")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), features[start : start + count])
+            start += count
+        return embeds
 
     def embed_inputs(
         self,
@@ -582,11 +610,8 @@ class Qwen2_5_VLModel(nn.Module):
         """
         cfg = self.config
         embeds = self.language_model.embed_tokens(input_ids)
-        embeds = self._scatter_vision(
-            embeds, input_ids, cfg.image_token_id, pixel_values, image_grid_thw, "image"
-        )
-        embeds = self._scatter_vision(
-            embeds, input_ids, cfg.video_token_id, pixel_values_videos, video_grid_thw, "video"
+        embeds = self.scatter_vision(
+            embeds, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
 
         position_ids = mrope_position_ids(

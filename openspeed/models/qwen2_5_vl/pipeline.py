@@ -202,7 +202,7 @@ class Qwen2_5_VLStage(nn.Module):
     # The first stage embeds exactly as the full model does: reuse its code on this module (the
     # attribute names it reads, ``config``/``visual``/``language_model.embed_tokens``, are the same).
     embed_inputs = Qwen2_5_VLModel.embed_inputs
-    _scatter_vision = Qwen2_5_VLModel._scatter_vision
+    scatter_vision = Qwen2_5_VLModel.scatter_vision
 
     def __init__(self, model: Qwen2_5_VLModel, stage_index: int, num_stages: int, layer_ids: range) -> None:
         super().__init__()
