@@ -99,6 +99,8 @@ class TrainConfig:
     seed: int = 42
     resume: str = "none"
     """auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint directory."""
+    overwrite: bool = False
+    """With resume=none: a run_dir that holds a run moves to <run_dir>.previous first (else an error)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     cpu_threads: int | None = None
     """Intra-op threads per process on the CPU (None: torch's default, OMP_NUM_THREADS)."""
@@ -177,7 +179,8 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     progress: bool = True
-    tensorboard: bool = True
+    tensorboard: bool | None = None
+    """null: TensorBoard events too when tensorboard is installed; true: asked for (a warning if not)."""
 
 
 @dataclass

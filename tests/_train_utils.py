@@ -41,8 +41,8 @@ def make_tiny_run_config(tmp_dir: str, data_dir: str, **sections) -> str:
     return path
 
 
-def run_train(config: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+def run_train(config: str, *args: str, timeout: int = 300, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", "openspeed", "train", config, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -119,7 +119,7 @@ def test_adaptive_recompute_fits_the_budget_and_keeps_the_losses(reference_run, 
     choice = [r for r in read_metrics(str(tmp_path / "run")) if "adaptive_recompute" in r]
     assert len(choice) == 1 and choice[0]["step"] == 1
     assert 0 < len(choice[0]["adaptive_recompute"]) and choice[0]["adaptive_estimated_gb"] <= 0.0075
-    impossible = run_train(config, "memory.budget_gb=0.001")
+    impossible = run_train(config, "memory.budget_gb=0.001", f"train.run_dir={tmp_path / 'impossible'}")
     assert impossible.returncode == 2
     errors = [line for line in impossible.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "memory.budget_gb=0.001 cannot be met" in errors[0], impossible.stderr[-2000:]

@@ -45,7 +45,7 @@ def test_sigkill_during_save_resumes_from_previous_complete_checkpoint(shapes_di
     # Every save pauses after writing its shards; kill the trainer inside the save of step 4.
     proc = _popen_train(config, env_extra={"OPENSPEED_TEST_SAVE_PAUSE_S": "2"})
     try:
-        assert _wait_for(lambda: (ckpts / "step_4.incomplete" / "rng" / "rank0.pt").exists())
+        assert _wait_for(lambda: (ckpts / "step_4.incomplete" / "rng" / "rank0.json").exists())
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -105,3 +105,49 @@ def test_broken_samples_are_skipped_and_counted(shapes_dir, tmp_path):
     assert final["skipped_samples"] == 3
     assert final["skipped_by_reason"] == {"corrupt_media": 1, "malformed_record": 1, "missing_file": 1}
     assert sorted(train_losses(str(tmp_path / "run"))) == list(range(1, steps + 1))
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = fh.read()
+    return out
+
+
+def test_a_rerun_never_loses_a_run(shapes_dir, tmp_path):
+    config = make_tiny_run_config(str(tmp_path), shapes_dir, data={"val_path": None},
+                                  train={"max_steps": 4, "exit_interval": 2}, checkpoint={"interval": 2})
+    run_dir = tmp_path / "run"
+    first = run_train(config)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = _snapshot(run_dir)
+    assert "checkpoints/step_2/train_state.json" in before and "metrics.jsonl" in before
+
+    # A fresh start into the used directory: one line, exit 2, not a byte changed.
+    again = run_train(config, "train.exit_interval=null")
+    assert again.returncode == 2, again.stderr[-2000:]
+    errors = [line for line in again.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "already holds a run" in errors[0] and "train.overwrite=true" in errors[0], again.stderr
+    assert "Traceback" not in again.stderr
+    assert _snapshot(run_dir) == before
+
+    # A worker group restarted by the elastic agent resumes the interrupted run instead.
+    restarted = run_train(config, "train.exit_interval=null", env_extra={"TORCHELASTIC_RESTART_COUNT": "1"})
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "resumed from" in restarted.stderr and "step 2" in restarted.stderr
+    assert sorted(train_losses(str(run_dir))) == [1, 2, 3, 4]
+    run_id = json.loads((run_dir / "checkpoints" / "step_2" / "train_state.json").read_text())["run_id"]
+    assert json.loads((run_dir / "checkpoints" / "step_4" / "train_state.json").read_text())["run_id"] == run_id
+
+    # train.overwrite=true starts over; the earlier run is kept beside it, whole.
+    finished = _snapshot(run_dir)
+    fresh = run_train(config, "train.exit_interval=null", "train.overwrite=true")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "moved to" in fresh.stderr and "resumed from" not in fresh.stderr
+    assert _snapshot(tmp_path / "run.previous") == finished
+    assert sorted(train_losses(str(run_dir))) == [1, 2, 3, 4]
+    new_id = json.loads((run_dir / "checkpoints" / "step_4" / "train_state.json").read_text())["run_id"]
+    assert new_id != run_id

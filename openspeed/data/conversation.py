@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from openspeed.data.processor import VLProcessor
+from openspeed.data.processor import VLProcessor, read_image, to_rgb
 from openspeed.errors import BadSampleError, DataError
 
 IGNORE_INDEX = -100
@@ -351,15 +351,12 @@ def check_media_tags(messages: list[dict[str, str]], num_images: int, num_videos
 
 
 def load_image(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """An RGB image from a PIL image or a path; missing or unreadable files raise ``BadSampleError``."""
+    """An RGB image from a PIL image or a path, as the model should see it.
+
+    EXIF orientation is applied and transparency composited on white (``processor.read_image``,
+    ``processor.to_rgb``); unusable files raise ``BadSampleError`` (``missing_file``,
+    ``image_too_large``, ``corrupt_media``).
+    """
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    path = os.fspath(image)
-    if not os.path.isfile(path):
-        raise BadSampleError("missing_file", f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            # Full decode now, so a truncated file fails here rather than inside the model step.
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadSampleError("corrupt_media", f"unreadable image {path}: {e}") from e
+        return to_rgb(ImageOps.exif_transpose(image))
+    return read_image(image)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from openspeed.errors import BadSampleError, CheckpointError
 
@@ -48,6 +48,46 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image as the image processor's ``do_convert_rgb`` makes it.
+
+    Transparency (an alpha band, or a palette / colour-key ``transparency``) is composited on a
+    white background, as transformers' ``convert_to_rgb`` does; any other mode (L, I;16, I, F,
+    CMYK, P, ...) goes through PIL's plain ``convert("RGB")``.
+    """
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file as a viewer shows it: EXIF orientation applied, then :func:`to_rgb`.
+
+    An animated file gives its first frame. Unusable files raise ``BadSampleError``:
+    ``missing_file``; ``image_too_large`` above PIL's ``Image.MAX_IMAGE_PIXELS`` (checked before
+    decoding; PIL itself only warns up to twice the limit); ``corrupt_media`` for a file that is
+    empty, truncated or not an image.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BadSampleError("missing_file", f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise BadSampleError(
+                    "image_too_large", f"{path}: {im.width}x{im.height} is over {limit} pixels"
+                )
+            # Full decode now (exif_transpose loads and copies), so a truncated file fails here
+            # rather than inside the model step.
+            return to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise BadSampleError("image_too_large", f"{path}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError("corrupt_media", f"unreadable image {path}: {e}") from e
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -178,17 +218,15 @@ class VLProcessor:
     def process_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch images exactly as the Qwen2-VL image processor does, without its per-call overhead.
 
-        Each image is resized to its own ``smart_resize`` size, rescaled, normalised and repeated
-        ``temporal_patch_size`` times (a one-frame "video"). Returns ``pixel_values`` float32
-        ``[sum(t*h*w), C*tp*p*p]`` and ``image_grid_thw`` long ``[n, 3]``; the values equal
-        ``image_processor(images)``'s (a test holds them to it).
+        Each image is made RGB (:func:`to_rgb`), resized to its own ``smart_resize`` size, rescaled,
+        normalised and repeated ``temporal_patch_size`` times (a one-frame "video"). Returns
+        ``pixel_values`` float32 ``[sum(t*h*w), C*tp*p*p]`` and ``image_grid_thw`` long ``[n, 3]``;
+        the values equal ``image_processor(images)``'s (a test holds them to it).
         """
         if not images:
             raise ValueError("process_images needs at least one image")
         parts, grids = [], []
         for image in images:
-            if image.mode != "RGB":
-                image = image.convert("RGB")
             frame = self._prepare_frame(image, self._target_size(image.height, image.width))
             flat, grid = self._patchify(frame[None])
             parts.append(flat)
@@ -231,8 +269,7 @@ class VLProcessor:
 
     def _prepare_frame(self, frame: Image.Image, size: tuple[int, int]) -> np.ndarray:
         """One frame to a normalised float32 CHW array, with the image processor's exact steps."""
-        if frame.mode != "RGB":
-            frame = frame.convert("RGB")
+        frame = to_rgb(frame)
         if self.do_resize and frame.size != (size[1], size[0]):
             frame = frame.resize((size[1], size[0]), resample=self.resample)
         arr = np.asarray(frame)
@@ -304,7 +341,8 @@ class VLProcessor:
         Folder: image files sorted by name (numbers compared numerically) at ``fps`` frames per
         second (default 2.0); ``num_frames`` subsamples uniformly. ``max_frames`` caps the count
         by uniform subsampling. The returned fps is the effective rate of the returned frames.
-        Raises ``BadSampleError`` (``missing_file``/``corrupt_media``) for unusable input.
+        Frame images are read like image files (:func:`read_image`). Raises ``BadSampleError``
+        (``missing_file``/``corrupt_media``/``image_too_large``) for unusable input.
         """
         p = Path(path)
         if p.is_dir():
@@ -332,14 +370,7 @@ class VLProcessor:
             keep = _uniform_indices(len(names), num_frames)
             rate = rate * len(keep) / len(names)
             names = [names[i] for i in keep]
-        frames = []
-        for name in names:
-            try:
-                with Image.open(folder / name) as im:
-                    frames.append(im.convert("RGB"))
-            except (OSError, SyntaxError, ValueError) as e:
-                raise BadSampleError("corrupt_media", f"unreadable frame {folder / name}: {e}") from e
-        return frames, rate
+        return [read_image(folder / name) for name in names], rate
 
     def _load_video_file(
         self, path: Path, num_frames: int | None, fps: float | None

@@ -1,9 +1,15 @@
 """Sharded, atomic, resumable checkpoints through ``torch.distributed.checkpoint`` (DCP).
 
 Layout of ``<run_dir>/checkpoints/step_<N>/``: the DCP files for model and optimizer (any layout can
-load them: DCP reshards), ``train_state.json`` (step, scheduler, data position, counters) and
-``rng/rank<r>.pt``. A checkpoint is written under ``step_<N>.incomplete`` and renamed when every
-rank has finished, so a directory named ``step_<N>`` is always complete.
+load them: DCP reshards), ``train_state.json`` (step, scheduler, data position, counters, the run's
+id) and ``rng/rank<r>.json`` (every random generator's state as numbers). A checkpoint is written
+under ``step_<N>.incomplete`` and renamed when every rank has finished, so a directory named
+``step_<N>`` is always complete. Re-saving a step that exists first renames the old one to
+``step_<N>.replaced``, which counts as complete until the new one is in place: at no moment is
+there no complete checkpoint of the step.
+
+No file of ours holds a pickle; DCP's own ``.metadata`` file is one (torch unpickles it on load),
+so a checkpoint is trusted input.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from openspeed.errors import CheckpointError
 # pieces of pipeline stages merge into one dict and any layout can load any other's checkpoint.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 STEP_DIR = re.compile(r"^step_(\d+)$")
+REPLACED_DIR = re.compile(r"^step_(\d+)\.replaced$")
 TRAIN_STATE = "train_state.json"
 
 
@@ -34,17 +41,30 @@ def checkpoint_root(run_dir: str) -> str:
 
 
 def list_complete(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+    """(step, path) of every complete checkpoint, oldest first.
+
+    A ``step_<N>.replaced`` directory stands in for ``step_<N>`` while a re-save of the step swaps
+    the two (or after a crash between the renames).
+    """
     root = checkpoint_root(run_dir)
     if not os.path.isdir(root):
         return []
-    found = []
-    for name in os.listdir(root):
-        match = STEP_DIR.match(name)
+    found: dict[int, str] = {}
+    for name in sorted(os.listdir(root), key=lambda n: n.endswith(".replaced")):
+        match = STEP_DIR.match(name) or REPLACED_DIR.match(name)
         path = os.path.join(root, name)
-        if match and os.path.isfile(os.path.join(path, TRAIN_STATE)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+        if match and int(match.group(1)) not in found and os.path.isfile(os.path.join(path, TRAIN_STATE)):
+            found[int(match.group(1))] = path
+    return sorted(found.items())
+
+
+def run_id_of(path: str) -> str | None:
+    """The id of the run that wrote the checkpoint at ``path`` (``None`` for one without)."""
+    try:
+        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as fh:
+            return json.load(fh).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
@@ -61,7 +81,12 @@ def save_checkpoint(
     rng_state: dict[str, Any],
     keep_last: int | None = None,
 ) -> str:
-    """Write step ``step`` atomically on all ranks; prune older ones after it is complete."""
+    """Write step ``step`` atomically on all ranks; then prune the run's older ones to ``keep_last``.
+
+    ``train_state["run_id"]`` names the run: pruning only ever removes checkpoints of that run, so
+    another run's checkpoints in the same directory are never touched. ``rng_state`` is plain
+    JSON data (numbers and lists), one file per rank.
+    """
     rank = dist.get_rank()
     final = os.path.join(path_root, f"step_{step}")
     tmp = final + ".incomplete"
@@ -71,7 +96,8 @@ def save_checkpoint(
     dist.barrier()
     model_sd, optim_sd, _ = _merged_state(parts, optimizers)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save(rng_state, os.path.join(tmp, "rng", f"rank{rank}.pt"))
+    with open(os.path.join(tmp, "rng", f"rank{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(rng_state, fh)
     # Fault-injection point for the crash-during-save test: the shards are written, the
     # checkpoint is not yet complete.
     pause = float(os.environ.get("OPENSPEED_TEST_SAVE_PAUSE_S", "0") or 0)
@@ -83,11 +109,16 @@ def save_checkpoint(
             json.dump({**train_state, "step": step, "world_size": dist.get_world_size()}, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        replaced = final + ".replaced"
         if os.path.exists(final):
-            shutil.rmtree(final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)  # still a complete checkpoint of the step, found by list_complete
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         if keep_last:
-            for _, old in list_complete(os.path.dirname(path_root))[:-keep_last]:
+            run_id = train_state.get("run_id")
+            mine = [p for _, p in list_complete(os.path.dirname(path_root)) if run_id_of(p) == run_id]
+            for old in mine[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
@@ -134,7 +165,8 @@ def load_checkpoint(
             options=_OPTIONS,
         )
     rng = None
-    rng_file = os.path.join(path, "rng", f"rank{dist.get_rank()}.pt")
+    rng_file = os.path.join(path, "rng", f"rank{dist.get_rank()}.json")
     if train_state.get("world_size") == dist.get_world_size() and os.path.isfile(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
+        with open(rng_file, encoding="utf-8") as fh:
+            rng = json.load(fh)
     return train_state, rng

@@ -48,6 +48,7 @@ from openspeed.training.metrics import MetricsWriter, Progress
 from openspeed.training.model_setup import build_training_model
 from openspeed.training.optim import Optimizers
 from openspeed.training.profiling import StepProfiler
+from openspeed.training.run_dir import effective_resume, new_run_id, prepare_run_dir
 
 
 class _StopFlag:
@@ -71,13 +72,20 @@ def _all_reduce(*values: float, group) -> list[float]:
 
 
 def _rng_state(acc) -> dict:
-    return {"torch": acc.rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every random generator's state as plain numbers and lists (saved as JSON: no pickle)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": {device: state.tolist() for device, state in acc.rng_state().items()},
+            "python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
 
 
 def _restore_rng(acc, state: dict) -> None:
-    acc.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    acc.set_rng_state({device: torch.tensor(v, dtype=torch.uint8) for device, v in state["torch"].items()})
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _seed_all(acc, seed: int) -> None:
@@ -123,13 +131,13 @@ class _AdaptiveRecompute:
 
 def resume_run(
     cfg: RunConfig, acc, rank: int, parts, optim: Optimizers, task, per_part: list | None = None
-) -> tuple[int, str | None]:
+) -> tuple[int, str | None, dict]:
     """Load the checkpoint ``train.resume`` names (``auto``: the latest complete one in the run dir).
 
     Restores model parts, their optimizers (``per_part``, default ``optim.per_part``; ``None`` for a
     part without one), the LR schedule, the skipped-sample record and the RNG state;
-    returns ``(start_step, checkpoint path or None)``. Rank 0 says what it resumed from, or that the
-    checkpoint is already at ``train.max_steps``.
+    returns ``(start_step, checkpoint path or None, its train state)``. Rank 0 says what it resumed
+    from, or that the checkpoint is already at ``train.max_steps``.
     """
     resume_from = None
     if cfg.train.resume == "auto":
@@ -137,7 +145,7 @@ def resume_run(
     elif cfg.train.resume != "none":
         resume_from = cfg.train.resume
     if not resume_from:
-        return 0, None
+        return 0, None, {}
     state, rng = ckpt.load_checkpoint(resume_from, parts, optim.per_part if per_part is None else per_part)
     start_step = int(state["step"])
     optim.load_scheduler_state(state["scheduler"])
@@ -152,7 +160,7 @@ def resume_run(
                   file=sys.stderr)
         else:
             print(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
-    return start_step, resume_from
+    return start_step, resume_from, state
 
 
 def _any_rank(flag: bool) -> bool:
@@ -297,7 +305,7 @@ class Trainer:
         path = ckpt.save_checkpoint(
             ckpt.checkpoint_root(cfg.train.run_dir), step, self.saved_parts, self.saved_optimizers,
             {"scheduler": self.optim.scheduler_state(), "skipped": {str(i): r for i, r in skipped.items()},
-             "seed": cfg.train.seed, "ema": self.ema is not None},
+             "seed": cfg.train.seed, "ema": self.ema is not None, "run_id": self.run_id},
             _rng_state(self.acc), keep_last=cfg.checkpoint.keep_last,
         )
         if self.adapted and self.pipe is None:
@@ -323,9 +331,8 @@ class Trainer:
         _seed_all(acc, cfg.train.seed + rank)
 
         run_dir = cfg.train.run_dir
-        if self.is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        cfg.train.resume = effective_resume(cfg)
+        self.run_id = claim_run_dir(cfg, self.is_main)
 
         spec, config = model_config_from_run(cfg)
         if spec.check_layout is not None:
@@ -375,8 +382,10 @@ class Trainer:
         self.norm_skip = norm_exclusions(self.pipe) if self.pipe is not None else []
 
         # ---------------------------------------------------------------- resume
-        start_step, resume_from = resume_run(cfg, acc, rank, self.saved_parts, optim, task,
-                                             per_part=self.saved_optimizers)
+        start_step, resume_from, resumed = resume_run(cfg, acc, rank, self.saved_parts, optim, task,
+                                                      per_part=self.saved_optimizers)
+        # A resumed run is the same run: its checkpoints keep the id (one without an id starts one).
+        self.run_id = resumed.get("run_id") or self.run_id
         if start_step >= cfg.train.max_steps and resume_from:
             return {"steps": 0, "resumed_from": resume_from}
 
@@ -483,6 +492,33 @@ class Trainer:
                 print(line, flush=True)
         metrics.close()
         return summary
+
+
+def claim_run_dir(cfg: RunConfig, is_main: bool) -> str:
+    """Rank 0 checks ``train.run_dir`` (see :mod:`openspeed.training.run_dir`), moves an old run aside
+    under ``train.overwrite=true``, creates the directory and writes ``config.yaml``; every rank gets
+    the outcome, so a refusal (or an unwritable directory) is the same one-line error on all of them.
+    Returns a new run id (a resumed run then takes its checkpoint's)."""
+    run_dir = cfg.train.run_dir
+    outcome: list = [None, None, None]  # error, where an old run went, run id
+    if is_main:
+        try:
+            moved = prepare_run_dir(cfg)
+            os.makedirs(run_dir, exist_ok=True)
+            dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+            outcome = [None, moved, new_run_id()]
+        except ConfigError as exc:
+            outcome = [str(exc), None, None]
+        except OSError as exc:
+            outcome = [f"train.run_dir={run_dir}: cannot write {exc.filename or run_dir}: {exc.strerror or exc}",
+                       None, None]
+    dist.broadcast_object_list(outcome, src=0)
+    error, moved, run_id = outcome
+    if error is not None:
+        raise ConfigError(error)
+    if moved and is_main:
+        print(f"train.overwrite=true: the earlier run in {run_dir} moved to {moved}", file=sys.stderr)
+    return run_id
 
 
 def save_adapter(cfg: RunConfig, spec, model, out_dir: str, is_main: bool) -> None:
