@@ -2,7 +2,7 @@
 
 Run ``python -m benchmarks.memory [--precision fp32|bf16|both] [--threads N]``.
 
-The model and the batch are those of :mod:`benchmarks.train_throughput` (the issue's ~60M-parameter
+The model and the batch are those of :mod:`benchmarks.train_throughput` (the ~60M-parameter
 Qwen2.5-VL, seeded weights, 2 samples x 1024 tokens with one 448x448 image each). For each setting a
 fresh OpenSpeed model gets the run's ``memory`` section applied exactly as training applies it
 (``openspeed.memory.apply.apply_memory_config`` with the model's ``memory_plan``), then one training

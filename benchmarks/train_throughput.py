@@ -4,7 +4,7 @@ Run ``python -m benchmarks.train_throughput [--quick] [--steps N] [--threads N] 
 [--profile]`` (default: both precisions, 3 timed steps, every CPU the process may use as intra-op threads).
 Results and their reading: ``benchmarks/RESULTS.md``.
 
-The model is the issue's ~60M-parameter Qwen2.5-VL (text: vocab 32000, hidden 512, MLP 1408, 8 layers,
+The model is a ~60M-parameter Qwen2.5-VL (text: vocab 32000, hidden 512, MLP 1408, 8 layers,
 8 query / 2 key-value heads, ``mrope_section`` [8, 12, 12], rope theta 1e6; vision: depth 4, hidden 256,
 MLP 704, 4 heads, patch 14, merge 2, temporal patch 2, window 112, full attention in block 3). It is
 built once from a seed (``openspeed.models.init.init_weights``, as the trainer initialises), and the
@@ -114,7 +114,7 @@ OPTIM = OptimConfig(lr=1e-4, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8)
 
 
 def benchmark_config() -> Qwen2_5_VLConfig:
-    """The issue's ~60M-parameter Qwen2.5-VL."""
+    """The benchmark's ~60M-parameter Qwen2.5-VL."""
     return Qwen2_5_VLConfig(
         vision=VisionConfig(
             depth=4,

@@ -10,12 +10,19 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from openspeed.errors import ConfigError
+
+DEVICE_ENV = "OPENSPEED_DEVICE"
+# Device type -> collective backend, for every device ``OPENSPEED_DEVICE`` may name.
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 
 @dataclass(frozen=True)
@@ -146,22 +153,50 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _import_torch_npu() -> str | None:
+    """Import ``torch_npu`` (which adds ``torch.npu``); ``None`` when it imports, else why it does not."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return "torch_npu is not installed"
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure of a broken install is reported, not raised
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"torch_npu fails to import ({type(exc).__name__}{': ' + first if first else ''})"
+    return None
+
+
 @functools.cache
 def get_accelerator() -> Accelerator:
-    """Pick the device: ``OPENSPEED_DEVICE`` if set, else CUDA, else NPU (when torch_npu imports), else CPU."""
-    forced = os.environ.get("OPENSPEED_DEVICE")
+    """Pick the device: ``OPENSPEED_DEVICE`` if set, else CUDA, else NPU (when torch_npu imports), else CPU.
+
+    A value of ``OPENSPEED_DEVICE`` that is not a device type, or names a device this machine lacks,
+    is a :class:`ConfigError`; a torch_npu that is installed but fails to import is a one-line warning
+    (on local rank 0), and the CPU is used.
+    """
+    forced = os.environ.get(DEVICE_ENV, "").strip().lower()
     if forced:
-        return Accelerator(forced, {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[forced])
+        if forced not in BACKENDS:
+            raise ConfigError(f"{DEVICE_ENV}: expected one of {', '.join(BACKENDS)}, "
+                              f"got {os.environ[DEVICE_ENV]!r}")
+        if forced == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{DEVICE_ENV}=cuda, but torch {torch.__version__} finds no CUDA device "
+                              f"(choose from {', '.join(BACKENDS)})")
+        if forced == "npu":
+            problem = _import_torch_npu()
+            if problem is None and not torch.npu.is_available():  # type: ignore[attr-defined]
+                problem = "torch_npu finds no NPU device"
+            if problem is not None:
+                raise ConfigError(f"{DEVICE_ENV}=npu, but {problem} (choose from {', '.join(BACKENDS)})")
+        return Accelerator(forced, BACKENDS[forced])
     if torch.cuda.is_available():
         return Accelerator("cuda", "nccl")
     if importlib.util.find_spec("torch_npu") is not None:
-        try:
-            import torch_npu  # noqa: F401
-
-            if torch.npu.is_available():  # type: ignore[attr-defined]
-                return Accelerator("npu", "hccl")
-        except Exception:  # a broken torch_npu install falls back to the CPU
-            pass
+        problem = _import_torch_npu()
+        if problem is None and torch.npu.is_available():  # type: ignore[attr-defined]
+            return Accelerator("npu", "hccl")
+        if problem is not None and local_rank() == 0:
+            print(f"warning: {problem}; using the CPU (set {DEVICE_ENV}=cpu to choose it)", file=sys.stderr,
+                  flush=True)
     return Accelerator("cpu", "gloo")
 
 

@@ -6,6 +6,7 @@ stderr with exit status 2.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -45,12 +46,21 @@ from openspeed.commands import (  # noqa: E402 - after the help text
     EXIT_USER_ERROR,
     ArgParser,
     check_paths,
+    check_writable,
     launch,
     prepare_data,
     under_launcher,
 )
 
 CORE_COMMANDS = ("train", "chat", "eval", "convert", "data")
+
+# OS errors that a user's paths or machine cause (a folder they cannot write, a full or read-only
+# disk, a path through a regular file), with the verb of their one-line report; any other OSError is
+# a bug and keeps its traceback.
+_USER_OS_ERRORS = {
+    errno.EACCES: "access", errno.EPERM: "access", errno.ENOTDIR: "access",
+    errno.ENOSPC: "write", errno.EDQUOT: "write", errno.EROFS: "write", errno.EISDIR: "write",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except OpenSpeedError as exc:
         report_user_error(str(exc))
         return EXIT_USER_ERROR
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            raise
+        where = f" {exc.filename}" if exc.filename is not None else ""
+        report_user_error(f"cannot {_USER_OS_ERRORS[exc.errno]}{where}: {exc.strerror}")
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -89,6 +105,14 @@ def report_user_error(message: str) -> None:
         return
     if rank == 0:
         print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _check_positive(ns, *names: str) -> None:
+    """One-line errors for integer options (``ns.<name>``, unset ones skipped) below 1."""
+    for name in names:
+        value = getattr(ns, name)
+        if value is not None and value < 1:
+            raise OpenSpeedError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
 
 
 # ----------------------------------------------------------------------------- train
@@ -131,6 +155,7 @@ def parse_train_args(args: list[str]) -> tuple[str, int | None, list[str]]:
 
 def cmd_train(args: list[str]) -> int:
     from openspeed.config import load_config, resolve_layout
+    from openspeed.training.run_dir import check_run_dir
 
     config_path, nproc, overrides = parse_train_args(args)
     cfg = load_config(config_path, overrides)
@@ -141,6 +166,8 @@ def cmd_train(args: list[str]) -> int:
     else:
         world_size = nproc or 1
     resolve_layout(cfg, world_size)
+    check_run_dir(cfg)  # before anything is written: a refused fresh start leaves the run as it was
+    check_writable(cfg.train.run_dir, "train.run_dir")
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("OPENSPEED_DATA_READY"):
         prepare_data(cfg)
     elif cfg.family is None:
@@ -180,12 +207,15 @@ def cmd_chat(args: list[str]) -> int:
         raise OpenSpeedError(f"--temperature must be > 0, got {ns.temperature}")
     if ns.top_p is not None and not 0 < ns.top_p <= 1:
         raise OpenSpeedError(f"--top-p must be in (0, 1], got {ns.top_p}")
+    _check_positive(ns, "batch_size", "max_new_tokens")
     sampling = {"temperature": ns.temperature, "top_p": ns.top_p, "seed": ns.seed}
     for path in [*ns.image, *([ns.questions] if ns.questions else [])]:
         if not os.path.isfile(path):
             raise OpenSpeedError(f"file not found: {path}")
     if not os.path.isdir(ns.checkpoint):
         raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
+    if ns.out:
+        check_writable(ns.out, directory=False)
 
     from openspeed.inference.chat import answer_file, answer_one
 
@@ -232,6 +262,7 @@ def cmd_convert(args: list[str]) -> int:
     shard = _parse_size(ns.max_shard_size)
     if not os.path.isdir(ns.run_dir):
         raise OpenSpeedError(f"run directory not found: {ns.run_dir}")
+    check_writable(ns.out)
     from openspeed.training.export import export_run
 
     print(export_run(ns.run_dir, ns.out, to=ns.to, merge_lora=ns.merge_lora, ema=True if ns.ema else None,
@@ -269,14 +300,13 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--prompt", choices=["choices", "question"], default="choices",
                         help="'question': ask without the options, match the reply to them by text")
     ns = parser.parse_args(args)
-    for name in ("batch_size", "max_new_tokens", "limit"):
-        value = getattr(ns, name)
-        if value is not None and value < 1:
-            raise OpenSpeedError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
+    _check_positive(ns, "batch_size", "max_new_tokens", "limit")
     if not os.path.isfile(ns.data):
         raise OpenSpeedError(f"--data: file not found: {ns.data}")
     if not os.path.isdir(ns.checkpoint):
         raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
+    if ns.out:
+        check_writable(ns.out)
 
     from openspeed.eval.tsv import run_tsv_eval
 

@@ -4,8 +4,10 @@ errors, the multi-process launcher, and the data a run needs made before it star
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import tempfile
 
 from openspeed.errors import ConfigError, OpenSpeedError
 
@@ -76,6 +78,31 @@ def prepare_data(cfg) -> None:
         bind_known_family(cfg)
 
 
+def check_writable(path: str, option: str = "--out", directory: bool = True) -> None:
+    """A one-line error now, rather than after minutes of work, when ``path`` cannot be written.
+
+    ``path`` is a directory (``directory``) or a file to write; it and its missing parents are made
+    later by the command. The nearest folder above it that exists must take a new file: a probe file
+    is made there and removed, so a read-only folder, a read-only file system and a path through a
+    regular file are caught (a full disk is only caught when the command writes).
+    """
+    target = os.path.abspath(path)
+    if os.path.exists(target) and os.path.isdir(target) != directory:
+        reason = errno.ENOTDIR if directory else errno.EISDIR
+        raise OpenSpeedError(f"{option}: cannot write {path}: {os.strerror(reason)}")
+    folder = target if directory else os.path.dirname(target)
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise OpenSpeedError(f"{option}: cannot write {path}: {folder} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".openspeed-write-check-", dir=folder)
+    except OSError as exc:
+        raise OpenSpeedError(f"{option}: cannot write {path}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def check_paths(cfg) -> None:
     """One-line errors for the files a training run reads but does not have."""
     if not cfg.data.train_path:
@@ -95,5 +122,5 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"train.resume: checkpoint directory not found: {resume}")
 
 
-__all__ = ["ArgParser", "EXIT_USER_ERROR", "ERROR_FILE_ENV", "check_paths", "drop_option", "launch",
-           "prepare_data", "under_launcher"]
+__all__ = ["ArgParser", "EXIT_USER_ERROR", "ERROR_FILE_ENV", "check_paths", "check_writable", "drop_option",
+           "launch", "prepare_data", "under_launcher"]

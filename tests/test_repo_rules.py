@@ -42,3 +42,31 @@ def test_every_config_key_is_documented():
             if f"`{name}.{key.name}`" not in doc:
                 missing.append(f"{name}.{key.name}")
     assert missing == []
+
+
+# Words of the work tracker ("issue 6", "the issue's model", "this session") that mean nothing to a
+# reader of the project: docs, benchmark results and code describe features in their own words.
+_TRACKER_WORDING = re.compile(
+    r"\bissue\s*#?\s*\d+|\bthe issue(?:'s)?\b|\b(?:this|previous|next|last|earlier|later)\s+sessions?\b",
+    re.IGNORECASE,
+)
+
+
+def test_no_tracker_wording_in_docs_and_code():
+    paths = [os.path.join(ROOT, "README.md")]
+    for folder in ("docs", "benchmarks"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            paths += [os.path.join(dirpath, n) for n in files if n.endswith(".md")]
+    for folder in ("openspeed", "benchmarks", "tests"):
+        paths += list(_python_files(folder))
+    offenders = []
+    for path in paths:
+        if path == os.path.abspath(__file__):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                # Bare "session" is a tracker word in prose; code keeps pytest's scope="session".
+                prose = path.endswith(".md") and re.search(r"\bsessions?\b", line, re.IGNORECASE)
+                if _TRACKER_WORDING.search(line) or prose:
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert offenders == []

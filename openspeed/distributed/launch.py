@@ -6,6 +6,7 @@ torchrun's multi-screen report.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -22,6 +23,12 @@ def run_workers(nproc: int, command: list[str], extra_env: dict[str, str]) -> in
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # The elastic agent's loggers set their own level (LOGLEVEL, default WARNING), so quieting
+    # "torch.distributed" leaves them on: a failed worker would add the agent's "failed (exitcode...)"
+    # line to the one line the caller prints.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     # Each worker gets an equal share of the cores; oversubscription slows steps down ~40x.
     threads = max(1, (os.cpu_count() or 1) // nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -107,6 +107,14 @@ def hf_model_type(hf_config: dict[str, Any], path: str | Path) -> str:
     raise ConfigError(f"{Path(path) / CONFIG_NAME} has no model_type")
 
 
+def config_from_hf(spec, hf_config: dict[str, Any], path: str | Path):
+    """``spec.config_from_hf(hf_config)``; a bad value is a ``ConfigError`` naming the ``config.json``."""
+    try:
+        return spec.config_from_hf(hf_config)
+    except ConfigError as exc:
+        raise ConfigError(f"{Path(path) / CONFIG_NAME}: {exc}") from None
+
+
 def model_dir(path: str) -> str:
     """The folder holding the model's ``config.json``: ``path``, or a diffusers pipeline's ``transformer/``."""
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(
@@ -123,7 +131,7 @@ def model_config_from_run(cfg):
     path = model_dir(cfg.model.path)
     hf_config = read_hf_config(path)
     spec = get_model_spec(hf_model_type(hf_config, path))
-    config = spec.config_from_hf(hf_config)
+    config = config_from_hf(spec, hf_config, path)
     if cfg.model.rope_theta is not None:
         spec.set_rope_theta(config, cfg.model.rope_theta)
     return spec, config
@@ -145,7 +153,7 @@ def from_pretrained(
     """
     hf_config = read_hf_config(path)
     spec = get_model_spec(hf_model_type(hf_config, path))
-    config = spec.config_from_hf(hf_config)
+    config = config_from_hf(spec, hf_config, path)
     state = spec.hf_to_native(load_hf_state_dict(path), config)
 
     with torch.device("meta"):

@@ -9,9 +9,14 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Appends one JSON record per optimizer step (and per evaluation) to ``<run_dir>/metrics.jsonl``."""
+    """Appends one JSON record per optimizer step (and per evaluation) to ``<run_dir>/metrics.jsonl``.
 
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0, tensorboard: bool = True):
+    ``tensorboard`` (``logging.tensorboard``): ``None`` also writes TensorBoard events when the
+    ``tensorboard`` package is installed, ``True`` asks for them (a one-line warning when they cannot
+    be written; the run goes on), ``False`` never writes them.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool, resume_step: int = 0, tensorboard: bool | None = None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._tb = None
@@ -19,13 +24,9 @@ class MetricsWriter:
             return
         os.makedirs(run_dir, exist_ok=True)
         self._truncate_after(resume_step)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
-            except Exception:  # tensorboard is optional; its absence is not an error
-                self._tb = None
+        if tensorboard is not False:
+            self._tb = _summary_writer(os.path.join(run_dir, "tensorboard"), resume_step + 1,
+                                       requested=tensorboard is True)
 
     def _truncate_after(self, step: int) -> None:
         """Keep records up to ``step``: a resumed run rewrites everything after its checkpoint."""
@@ -57,6 +58,24 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _summary_writer(log_dir: str, purge_step: int, requested: bool):
+    """TensorBoard's ``SummaryWriter``, or ``None`` (with a warning when ``requested`` or when an
+    installed tensorboard fails to import)."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if not installed and not requested:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as exc:  # noqa: BLE001 - a missing or broken install: metrics.jsonl still has it all
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"warning: logging.tensorboard: cannot use TensorBoard ({detail}); metrics go to metrics.jsonl "
+              "only (pip install tensorboard, or set logging.tensorboard=false)", file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step)
 
 
 class Progress:

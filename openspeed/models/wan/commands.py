@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from openspeed.commands import ArgParser, check_paths, drop_option, launch, under_launcher
+from openspeed.commands import ArgParser, check_paths, check_writable, drop_option, launch, under_launcher
 from openspeed.errors import OpenSpeedError
 from openspeed.models.families import Command
 
@@ -63,6 +63,9 @@ def _generate(args: list[str]) -> int:
         raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
     if ns.batch_size < 1:
         raise OpenSpeedError(f"--batch-size: must be at least 1, got {ns.batch_size}")
+    # One prompt with a file name writes that file; otherwise --out is the folder of the clips.
+    check_writable(ns.out, directory=not (len(prompts) == 1 and not os.path.isdir(ns.out)
+                                          and os.path.splitext(ns.out)[1]))
     if under_launcher():  # a worker of --nproc, or of the user's torchrun: run_generate reads WORLD_SIZE
         if ns.nproc is not None and ns.nproc != int(os.environ["WORLD_SIZE"]):
             raise OpenSpeedError(f"--nproc {ns.nproc} differs from the launcher's {os.environ['WORLD_SIZE']} processes")
@@ -97,6 +100,7 @@ def _tiny_pipeline(args: list[str]) -> int:
     parser.add_argument("--pixel-space", action="store_true", help="a DiT for wan.vae=identity")
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
+    check_writable(ns.out)
     from openspeed.models.wan.moving_shapes import vocabulary
     from openspeed.models.wan.pipeline_io import write_tiny_wan_pipeline
 
@@ -117,6 +121,7 @@ def _moving_shapes(args: list[str]) -> int:
     ns = parser.parse_args(args)
     if ns.num < 1 or ns.frames < 2 or ns.size < 4:
         raise OpenSpeedError("moving-shapes: need --num >= 1, --frames >= 2 and --size >= 4")
+    check_writable(ns.out)
     from openspeed.models.wan.moving_shapes import make_moving_shapes
 
     path = make_moving_shapes(ns.out, ns.num, frames=ns.frames, height=ns.size, width=ns.size, seed=ns.seed,
@@ -132,6 +137,7 @@ def _extract_features(args: list[str]) -> int:
     parser.add_argument("--shard-samples", type=int, default=256)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     ns = parser.parse_args(args)
+    check_writable(ns.out)
     from openspeed.commands import prepare_data
     from openspeed.config import load_config
 

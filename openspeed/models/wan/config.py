@@ -25,6 +25,10 @@ ROPE_THETA = 10000.0
 TEXT_CONTEXT_LENGTH = 512
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class WanConfig:
     """Wan2.1 / 2.2 DiT hyper-parameters (diffusers ``WanTransformer3DModel`` argument names).
@@ -65,13 +69,22 @@ class WanConfig:
     pos_embed_seq_len: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.patch_size, (list, tuple)) or len(self.patch_size) != 3:
+        if (not isinstance(self.patch_size, (list, tuple)) or len(self.patch_size) != 3
+                or not all(_is_int(p) for p in self.patch_size)):
             raise ConfigError(
-                f"wan patch_size must be 3 integers (frames, height, width), got {self.patch_size}"
+                f"wan patch_size must be 3 integers (frames, height, width), got {self.patch_size!r}"
             )
-        self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.patch_size = tuple(self.patch_size)
         if self.out_channels is None or self.out_channels == 0:
             self.out_channels = self.in_channels  # diffusers: ``out_channels or in_channels``
+        for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len"):
+            value = getattr(self, key)
+            if value is not None and not (_is_int(value) and value > 0):
+                raise ConfigError(f"wan {key} must be a positive integer or null, got {value!r}")
+        if not isinstance(self.cross_attn_norm, bool):
+            raise ConfigError(f"wan cross_attn_norm must be true or false, got {self.cross_attn_norm!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ConfigError(f"wan eps must be a positive number, got {self.eps!r}")
         positive = {
             "patch_size": min(self.patch_size),
             "num_attention_heads": self.num_attention_heads,
@@ -85,8 +98,8 @@ class WanConfig:
             "rope_max_seq_len": self.rope_max_seq_len,
         }
         for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"wan {key} must be positive, got {value}")
+            if not (_is_int(value) and value > 0):
+                raise ConfigError(f"wan {key} must be a positive integer, got {value!r}")
         if self.attention_head_dim % 2:
             raise ConfigError(f"wan attention_head_dim {self.attention_head_dim} must be even for 3-D RoPE")
         if self.image_dim is not None and self.added_kv_proj_dim not in (None, self.hidden_size):
