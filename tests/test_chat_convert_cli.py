@@ -130,6 +130,7 @@ def test_training_starts_from_exported_weights_in_any_layout(trained_run, shapes
     tensors = load_file(str(hf_dir / "model.safetensors"))
     tensors["model.language_model.extra.weight"] = tensors["lm_head.weight"][:2].clone()
     save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    result = run_train(make_tiny_run_config(str(tmp_path / "one"), shapes_dir, model={"path": str(hf_dir)}))
+    os.makedirs(tmp_path / "extra")
+    result = run_train(make_tiny_run_config(str(tmp_path / "extra"), shapes_dir, model={"path": str(hf_dir)}))
     assert result.returncode == 2
     assert "unexpected weights language_model.extra.weight" in result.stderr.strip().splitlines()[-1]
