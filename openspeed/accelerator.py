@@ -5,7 +5,6 @@ memory statistics and synchronisation. No other module touches ``torch.cuda`` or
 from __future__ import annotations
 
 import functools
-import gc
 import importlib.util
 import json
 import os
@@ -23,6 +22,50 @@ from openspeed.errors import ConfigError
 DEVICE_ENV = "OPENSPEED_DEVICE"
 # Device type -> collective backend, for every device ``OPENSPEED_DEVICE`` may name.
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+# Vendors' dense (no sparsity) 16-bit matmul peaks in TFLOP/s, by a substring of the device name as
+# torch reports it (most specific first). MFU on these devices divides by this figure, the one every
+# paper quotes; a device not listed, and the CPU, use the measured matmul peak instead.
+VENDOR_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("4090", 165.0),
+    ("Ascend910B1", 414.0),
+    ("Ascend910B2", 376.0),
+    ("Ascend910B3", 313.0),
+    ("Ascend910B4", 280.0),
+    ("Ascend910B", 313.0),
+    ("Ascend910_93", 376.0),
+)
+
+
+def vendor_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The vendor's dense bf16/fp16 peak (FLOP/s) of a device named ``device_name``, or ``None`` when the
+    table does not list it or ``dtype`` is not a 16-bit float (fp32 peaks depend on TF32 settings)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    compact = device_name.replace(" ", "")
+    for key, tflops in VENDOR_PEAK_TFLOPS:
+        if key.replace(" ", "") in compact:
+            return tflops * 1e12
+    return None
+
+
+def process_group_backend(device_type: str) -> str:
+    """The ``init_process_group`` backend for a device type: the device's own for device tensors and,
+    off the CPU, gloo beside it for CPU tensors (DCP's planning and object collectives use those):
+    ``gloo``, ``cpu:gloo,cuda:nccl``, ``cpu:gloo,npu:hccl``."""
+    backend = BACKENDS[device_type]
+    return backend if device_type == "cpu" else f"cpu:gloo,{device_type}:{backend}"
 
 
 @dataclass(frozen=True)
@@ -58,21 +101,30 @@ class Accelerator:
         if self.device_type == "cpu":
             torch.set_flush_denormal(True)
 
+    def _device_module(self):
+        """``torch.cuda`` or ``torch.npu`` (``None`` on the CPU)."""
+        if self.device_type == "cuda":
+            return torch.cuda
+        if self.device_type == "npu":
+            return torch.npu  # type: ignore[attr-defined]
+        return None
+
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
-        if self.device_type == "cuda":
-            torch.cuda.manual_seed_all(seed)
+        if (module := self._device_module()) is not None:
+            module.manual_seed_all(seed)
 
     def rng_state(self) -> dict:
+        """The CPU generator's state and this device's (``cuda`` or ``npu``), as uint8 tensors."""
         state = {"cpu": torch.get_rng_state()}
-        if self.device_type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state()
+        if (module := self._device_module()) is not None:
+            state[self.device_type] = module.get_rng_state()
         return state
 
     def set_rng_state(self, state: dict) -> None:
         torch.set_rng_state(state["cpu"])
-        if self.device_type == "cuda" and "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"])
+        if (module := self._device_module()) is not None and self.device_type in state:
+            module.set_rng_state(state[self.device_type])
 
     def max_memory_allocated(self) -> int:
         """Peak bytes allocated on the device (0 on the CPU, where the host is the device)."""
@@ -90,14 +142,23 @@ class Accelerator:
             return torch.npu.get_device_name(self.device)  # type: ignore[attr-defined]
         return platform.processor() or platform.machine() or "cpu"
 
+    def peak_source(self, dtype: torch.dtype) -> str:
+        """What :meth:`peak_flops` divides by: ``"vendor peak"`` or ``"measured matmul peak"``."""
+        if self.device_type != "cpu" and vendor_peak_flops(self.device_name(), dtype) is not None:
+            return "vendor peak"
+        return "measured matmul peak"
+
     def peak_flops(self, dtype: torch.dtype) -> float:
-        """This device's matmul peak in FLOP/s for ``dtype``, measured once and cached on disk.
+        """This device's matmul peak in FLOP/s for ``dtype``: the vendor's dense figure for a GPU or NPU
+        in :data:`VENDOR_PEAK_TFLOPS` (16-bit dtypes), else measured once and cached on disk.
 
         The measurement is the best of a few large square matmuls (on the CPU with the process's
         current thread count, which is part of the cache key). The cache is a JSON file under
         ``$OPENSPEED_CACHE`` (default ``~/.cache/openspeed``); a missing or unwritable cache just
         means measuring again (about a second).
         """
+        if self.device_type != "cpu" and (vendor := vendor_peak_flops(self.device_name(), dtype)) is not None:
+            return vendor
         threads = torch.get_num_threads() if self.device_type == "cpu" else 0
         key = f"{self.device_type}|{self.device_name()}|{dtype}|threads={threads}|torch={torch.__version__}"
         cache = Path(os.environ.get("OPENSPEED_CACHE", Path.home() / ".cache" / "openspeed")) / "peak_flops.json"
@@ -200,29 +261,45 @@ def get_accelerator() -> Accelerator:
     return Accelerator("cpu", "gloo")
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device a single-process command (chat, eval, generate, convert) runs on.
+
+    ``None`` or ``"auto"``: this machine's accelerator (:func:`get_accelerator`), the CPU when it has
+    none. Otherwise a device string (``cpu``, ``cuda``, ``cuda:1``, ``npu:0``), checked to exist: a
+    device this machine lacks is a :class:`ConfigError` naming it.
+    """
+    if name is None or str(name).strip().lower() in ("", "auto"):
+        acc = get_accelerator()
+        return acc.device
+    kind, _, number = str(name).strip().lower().partition(":")
+    if kind not in BACKENDS or (number and not number.isdigit()) or (kind == "cpu" and number):
+        raise ConfigError(f"--device: expected auto, cpu, cuda[:N] or npu[:N], got {name!r}")
+    if kind == "cpu":
+        return torch.device("cpu")
+    index = int(number) if number else local_rank()
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    else:
+        problem = _import_torch_npu()
+        if problem is not None:
+            raise ConfigError(f"--device {name}: {problem}")
+        count = torch.npu.device_count() if torch.npu.is_available() else 0  # type: ignore[attr-defined]
+    if index >= count:
+        found = f"{count} {kind} device{'s' if count != 1 else ''}" if count else f"no {kind} device"
+        raise ConfigError(f"--device {name}: torch {torch.__version__} finds {found}")
+    return torch.device(kind, index)
+
+
 def init_distributed() -> tuple[int, int]:
     """Initialise the default process group (world size 1 outside a launcher). Returns (rank, world)."""
     acc = get_accelerator()
     acc.set_device()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    backend = process_group_backend(acc.device_type)
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend=acc.backend)
+        dist.init_process_group(backend=backend)
     else:
         # One process: an in-memory store is enough, and DCP/DeviceMesh code paths stay the same.
-        dist.init_process_group(backend=acc.backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
-
-
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        # Leave together: a rank tearing down its gloo pairs while a peer is still finishing its
-        # last collectives or point-to-point sends can abort that peer at exit.
-        # Free what still holds communication work (pipeline schedules keep their async send/recv
-        # handles in reference cycles) while the process groups are alive.
-        gc.collect()
-        try:
-            dist.barrier()
-        except Exception:  # noqa: BLE001 - a peer already failed; its error is the one to report
-            pass
-        dist.destroy_process_group()

@@ -26,6 +26,8 @@ commands:
   convert RUN_DIR --to peft --out DIR         a LoRA run's adapter for peft over its model.path
   eval --checkpoint RUN_DIR --data FILE.tsv [--out DIR] [--batch-size N] [--max-new-tokens N] [--limit N]
        [--prompt choices|question]          accuracy on an MMBench-style TSV (see docs/evaluation.md)
+  chat, eval and convert take --device auto|cpu|cuda[:N]|npu[:N]: where the model runs (default auto:
+  this machine's accelerator, the CPU when it has none; convert's default: cpu)
 """
 
 
@@ -45,6 +47,7 @@ from openspeed.commands import (  # noqa: E402 - after the help text
     ERROR_FILE_ENV,
     EXIT_USER_ERROR,
     ArgParser,
+    add_device_option,
     check_paths,
     check_writable,
     launch,
@@ -105,6 +108,14 @@ def report_user_error(message: str) -> None:
         return
     if rank == 0:
         print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _device(ns):
+    """The ``torch.device`` of ``--device`` (see :func:`openspeed.commands.add_device_option`); a device
+    this machine lacks is one line. Checked after the options and paths (it imports torch)."""
+    from openspeed.accelerator import resolve_device
+
+    return resolve_device(ns.device)
 
 
 def _check_positive(ns, *names: str) -> None:
@@ -199,6 +210,7 @@ def cmd_chat(args: list[str]) -> int:
     parser.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
     parser.add_argument("--top-p", type=float, help="sample from the top-p nucleus (default: greedy)")
     parser.add_argument("--seed", type=int, help="seed of the sampling, for reproducible answers")
+    add_device_option(parser)
     parser.add_argument("question", nargs="?")
     ns = parser.parse_args(args)
     if (ns.question is None) == (ns.questions is None):
@@ -216,14 +228,16 @@ def cmd_chat(args: list[str]) -> int:
         raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
     if ns.out:
         check_writable(ns.out, directory=False)
+    device = _device(ns)
 
     from openspeed.inference.chat import answer_file, answer_one
 
     if ns.question is not None:
-        print(answer_one(ns.checkpoint, ns.question, ns.image, max_new_tokens=ns.max_new_tokens, **sampling))
+        print(answer_one(ns.checkpoint, ns.question, ns.image, max_new_tokens=ns.max_new_tokens, device=device,
+                         **sampling))
         return 0
     count, skipped = answer_file(ns.checkpoint, ns.questions, ns.out, max_new_tokens=ns.max_new_tokens,
-                                 batch_size=ns.batch_size, **sampling)
+                                 batch_size=ns.batch_size, device=device, **sampling)
     if ns.out:
         print(f"answered {count} questions ({skipped} skipped) -> {ns.out}", file=sys.stderr)
     return 0
@@ -258,15 +272,18 @@ def cmd_convert(args: list[str]) -> int:
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--merge-lora", action="store_true", help="fold a LoRA run's adapters into the weights")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (train.ema_decay runs)")
+    # The files are written from the CPU whatever the device, so loading elsewhere gains nothing by default.
+    add_device_option(parser, default="cpu")
     ns = parser.parse_args(args)
     shard = _parse_size(ns.max_shard_size)
     if not os.path.isdir(ns.run_dir):
         raise OpenSpeedError(f"run directory not found: {ns.run_dir}")
     check_writable(ns.out)
+    device = _device(ns)
     from openspeed.training.export import export_run
 
     print(export_run(ns.run_dir, ns.out, to=ns.to, merge_lora=ns.merge_lora, ema=True if ns.ema else None,
-                     max_shard_size_bytes=shard))
+                     max_shard_size_bytes=shard, device=device))
     return 0
 
 
@@ -299,6 +316,7 @@ def cmd_eval(args: list[str]) -> int:
     parser.add_argument("--limit", type=int, help="evaluate the first N usable rows only")
     parser.add_argument("--prompt", choices=["choices", "question"], default="choices",
                         help="'question': ask without the options, match the reply to them by text")
+    add_device_option(parser)
     ns = parser.parse_args(args)
     _check_positive(ns, "batch_size", "max_new_tokens", "limit")
     if not os.path.isfile(ns.data):
@@ -307,12 +325,13 @@ def cmd_eval(args: list[str]) -> int:
         raise OpenSpeedError(f"--checkpoint: run directory not found: {ns.checkpoint}")
     if ns.out:
         check_writable(ns.out)
+    device = _device(ns)
 
     from openspeed.eval.tsv import run_tsv_eval
 
     result = run_tsv_eval(ns.checkpoint, ns.data, ns.out, batch_size=ns.batch_size,
                           max_new_tokens=ns.max_new_tokens, limit=ns.limit, prompt_style=ns.prompt,
-                          report=lambda line: print(line, file=sys.stderr))
+                          report=lambda line: print(line, file=sys.stderr), device=device)
     for category, s in result["per_category"].items():
         print(f"  {category:<10} accuracy {s['accuracy']:.3f} ({s['correct']}/{s['n']}, "
               f"unparseable {s['unparseable']})")

@@ -22,6 +22,17 @@ class ArgParser(argparse.ArgumentParser):
         raise OpenSpeedError(f"{self.prog}: {message}")
 
 
+DEVICE_HELP = ("where to run: auto (this machine's accelerator, the CPU when it has none), cpu, cuda[:N] "
+               "or npu[:N]")
+
+
+def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--device``, the option of every single-process command that runs a model (chat, eval,
+    generate, convert); :func:`openspeed.accelerator.resolve_device` reads it (a device this machine
+    lacks is a one-line error)."""
+    parser.add_argument("--device", default=default, help=f"{DEVICE_HELP} (default: {default})")
+
+
 def under_launcher() -> bool:
     """Whether this process is a worker of ``torchrun`` (or of :func:`launch`)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -122,5 +133,5 @@ def check_paths(cfg) -> None:
         raise ConfigError(f"train.resume: checkpoint directory not found: {resume}")
 
 
-__all__ = ["ArgParser", "EXIT_USER_ERROR", "ERROR_FILE_ENV", "check_paths", "check_writable", "drop_option",
-           "launch", "prepare_data", "under_launcher"]
+__all__ = ["ArgParser", "EXIT_USER_ERROR", "ERROR_FILE_ENV", "add_device_option", "check_paths", "check_writable",
+           "drop_option", "launch", "prepare_data", "under_launcher"]

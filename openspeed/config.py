@@ -102,6 +102,13 @@ class TrainConfig:
     overwrite: bool = False
     """With resume=none: a run_dir that holds a run moves to <run_dir>.previous first (else an error)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: the step runs under bf16 autocast with fp32 weights (the optimizer's master copy); under
+    FSDP2 the parameters are also all-gathered in bf16 and gradients reduced in fp32."""
+    compile: bool | None = None
+    """Compile each transformer block with torch.compile (regional compilation). None: on for CUDA and
+    NPU, off on the CPU (where inductor's first compile takes tens of seconds)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """torch.compile backend for train.compile (aot_eager: traced graphs without code generation)."""
     cpu_threads: int | None = None
     """Intra-op threads per process on the CPU (None: torch's default, OMP_NUM_THREADS)."""
     micro_batch_size: int = 1

@@ -12,17 +12,38 @@ import pytest  # noqa: E402
 # The multi-process and end-to-end tier: modules that launch training runs or spawn process groups.
 # ``make test-fast`` (pytest -m "not slow") runs the rest, the unit tier, in under two minutes.
 SLOW_MODULES = {
-    "test_chat_convert_cli", "test_context_parallel", "test_context_parallel_model", "test_family_core",
+    "test_chat_convert_cli", "test_compile", "test_context_parallel", "test_context_parallel_model", "test_family_core",
     "test_generate_eval_export", "test_generation", "test_memory", "test_mfu", "test_mixed_modality", "test_packing",
     "test_parallel_layouts", "test_pipeline", "test_robustness", "test_schedule_checkpoint",
     "test_tensor_parallel", "test_training", "test_vlm_lora", "test_wan_parallel", "test_wan_training",
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an accelerator (CUDA or NPU); deselected where it is the CPU")
+
+
+def _accelerator_is_cpu() -> bool:
+    from openspeed.accelerator import get_accelerator
+    from openspeed.errors import ConfigError
+
+    try:
+        return get_accelerator().device_type == "cpu"
+    except ConfigError:  # a bad OPENSPEED_DEVICE: the tests that check it report it
+        return True
+    finally:
+        get_accelerator.cache_clear()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    # gpu tests are deselected (reported as such, not as skips) on a machine whose accelerator is the CPU.
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and _accelerator_is_cpu():
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 @pytest.fixture(scope="session")

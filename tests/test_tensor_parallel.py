@@ -84,7 +84,8 @@ def _build_parallel(config: Qwen2_5_VLConfig, dims, sequence_parallel: bool) -> 
 
     with torch.device("meta"):
         model = Qwen2_5_VLModel(config)
-    cfg = SimpleNamespace(parallel=SimpleNamespace(sequence_parallel=sequence_parallel, zero_stage=3))
+    cfg = SimpleNamespace(parallel=SimpleNamespace(sequence_parallel=sequence_parallel, zero_stage=3),
+                          train=SimpleNamespace(precision="fp32"))
     parallelize(model, dims, cfg)
     model.to_empty(device="cpu")
     reset_non_persistent_buffers(model)

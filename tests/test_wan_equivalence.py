@@ -197,7 +197,8 @@ def test_input_errors_and_tensor_parallel_sizes(tmp_path):
     spec = get_model_spec("WanTransformer3DModel")
     dims = SimpleNamespace(sizes={"tp": 3}, dp_enabled=False)
     with pytest.raises(ConfigError, match="parallel.tp=3 does not divide num_attention_heads=2"):
-        spec.parallelize(native, dims, SimpleNamespace(parallel=SimpleNamespace(zero_stage=3)))
+        spec.parallelize(native, dims, SimpleNamespace(parallel=SimpleNamespace(zero_stage=3),
+                                                    train=SimpleNamespace(precision="fp32")))
     assert spec.part_of("blocks.0.ffn.fc1.weight") == "blocks"
     assert spec.flops is training_flops
 
@@ -249,7 +250,8 @@ def _fsdp_worker(rank: int, out_dir: str) -> None:
     dims = build_mesh({"pp": 1, "dp_replicate": 1, "dp_shard": 2, "cp": 1, "tp": 1}, "cpu")
     with torch.device("meta"):
         model = spec.build(config)
-    spec.parallelize(model, dims, SimpleNamespace(parallel=SimpleNamespace(zero_stage=3)))
+    spec.parallelize(model, dims, SimpleNamespace(parallel=SimpleNamespace(zero_stage=3),
+                                                    train=SimpleNamespace(precision="fp32")))
     model.to_empty(device="cpu")
     spec.reset_buffers(model)
     for name, param in model.named_parameters():

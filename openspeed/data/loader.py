@@ -21,9 +21,10 @@ from openspeed.data.schedule import GlobalBatchSchedule
 
 class _StepDataset(Dataset):
     def __init__(self, task, schedule: GlobalBatchSchedule, first_step: int, last_step: int,
-                 dp_rank: int, dp_size: int, micro_batch_size: int, annotate=None):
+                 dp_rank: int, dp_size: int, micro_batch_size: int, annotate=None, pin_memory: bool = False):
         self.task = task
         self.annotate = annotate
+        self.pin_memory = pin_memory
         self.schedule = schedule
         self.first_step = first_step
         self.num_steps = max(0, last_step - first_step + 1)
@@ -40,20 +41,38 @@ class _StepDataset(Dataset):
         if self.annotate is not None:
             for batch in batches:
                 self.annotate(batch)
+        if self.pin_memory:
+            batches = pinned(batches)
         return batches, skips
 
 
+def pinned(tree):
+    """``tree`` (tensors in dicts, lists and tuples) with every CPU tensor in page-locked memory, so
+    the copy to the device can be asynchronous (``.to(device, non_blocking=True)``)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.pin_memory() if tree.device.type == "cpu" else tree
+    if isinstance(tree, dict):
+        return {k: pinned(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(pinned(v) for v in tree)
+    return tree
+
+
 def step_batches(task, schedule: GlobalBatchSchedule, first_step: int, last_step: int, dp_rank: int,
-                 dp_size: int, micro_batch_size: int, num_workers: int, annotate=None) -> Iterator:
+                 dp_size: int, micro_batch_size: int, num_workers: int, annotate=None,
+                 pin_memory: bool = False) -> Iterator:
     """Yield ``(micro_batches, skipped)`` for steps ``first_step..last_step`` in order.
 
     ``annotate(batch)``, if given, adds entries to each micro-batch where it is loaded (e.g. its
-    FLOPs count), off the training thread.
+    FLOPs count), off the training thread. ``pin_memory`` (for a CUDA / NPU run) puts the batches'
+    tensors in page-locked memory off the training thread too, so copying them to the device does
+    not stall it.
 
     The returned iterator also has ``wait()`` (call it before the trainer uses the task's data
     objects itself, e.g. to validate) and ``close()``.
     """
-    dataset = _StepDataset(task, schedule, first_step, last_step, dp_rank, dp_size, micro_batch_size, annotate)
+    dataset = _StepDataset(task, schedule, first_step, last_step, dp_rank, dp_size, micro_batch_size, annotate,
+                           pin_memory=pin_memory and num_workers == 0)
     if num_workers == 0:
         return _ThreadPrefetcher(dataset)
     return _WorkerLoader(DataLoader(
@@ -63,6 +82,7 @@ def step_batches(task, schedule: GlobalBatchSchedule, first_step: int, last_step
         num_workers=num_workers,
         prefetch_factor=2,
         collate_fn=_identity,
+        pin_memory=pin_memory,  # in the main process's pinning thread: workers never touch the device
         persistent_workers=False,
         generator=torch.Generator().manual_seed(0),
     ))

@@ -17,14 +17,19 @@ def apply_fsdp(
     dp_mesh: DeviceMesh,
     blocks: Iterable[nn.Module],
     zero_stage: int = 3,
-    param_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """Shard each block, then the root, over the 2-D (dp_replicate, dp_shard) mesh.
 
     ``zero_stage=2`` keeps parameters gathered from forward to backward (no re-gather in backward);
     3 frees them after forward. Gradients are reduced in fp32 and summed, not averaged: the loss
     is already normalised by the global token count, so a sum over ranks gives the global mean.
+
+    ``precision="bf16"`` (``train.precision``): the sharded parameters stay fp32 (the optimizer's
+    master weights) and are all-gathered and computed with in bf16 (half the bytes on the wire and
+    in memory); gradients are reduced in fp32 and land in the fp32 shards.
     """
+    param_dtype = torch.bfloat16 if precision == "bf16" else None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     reshard = zero_stage == 3
     for block in blocks:

@@ -47,6 +47,7 @@ from torch.distributed.pipelining import (
 )
 from torch.distributed.tensor import DTensor
 
+from openspeed.distributed import comm
 from openspeed.distributed.tensor_parallel import full_logits, plain_tensor
 from openspeed.errors import ConfigError
 
@@ -296,8 +297,8 @@ def pipeline_train_step(
     packer's ``seq_len``, at most ``micro_batch_size`` rows); there must be ``pipe.n_microbatches``
     of them. ``num_items`` is the step's global target-token count. Gradients accumulate into the
     stage modules' ``.grad`` (reduced over data parallel by FSDP on the last micro-batch). Returns
-    the step's summed loss (this data-parallel rank's share: sum of micro-batch losses) as a float64
-    CPU scalar, the same on every pipeline rank. Wrap the call in autocast for mixed precision.
+    the step's summed loss (this data-parallel rank's share: sum of micro-batch losses) as a float32
+    scalar on the device, the same on every pipeline rank. Wrap the call in autocast for mixed precision.
     """
     if len(microbatches) != pipe.n_microbatches:
         raise ValueError(
@@ -315,11 +316,10 @@ def pipeline_train_step(
     pipe.schedule.step(
         *step_args, target=target, losses=losses if pipe.has_last else None, return_outputs=False
     )
-    total = torch.zeros((), dtype=torch.float64, device=pipe.device)
+    total = torch.zeros((), dtype=torch.float32, device=pipe.device)
     if pipe.has_last:
-        total += sum(loss.detach().double() for loss in losses)
-    dist.broadcast(total, src=pipe.global_rank(pipe.num_stages - 1), group=pipe.group)
-    return total.cpu()
+        total += sum(loss.detach().float() for loss in losses)
+    return comm.broadcast(total, src=pipe.global_rank(pipe.num_stages - 1), group=pipe.group)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -348,7 +348,7 @@ def sync_tied_grads(pipe: Pipeline) -> None:
     for g in grads[1:]:
         total += g
     if pipe.tied_group is not None:
-        dist.all_reduce(total, group=pipe.tied_group)
+        comm.all_reduce(total, group=pipe.tied_group)
     for g in grads:
         g.copy_(total)
 
@@ -371,51 +371,6 @@ def norm_exclusions(pipe: Pipeline) -> list[nn.Parameter]:
 # Forward without a schedule (evaluation, greedy decoding)
 # --------------------------------------------------------------------------------------------------
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.bool]
-_MAX_DIMS = 4
-
-
-def _header(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Fixed-size int64 header: count, then (dtype code, ndim, dims padded to 4) per tensor."""
-    row = [len(tensors)]
-    for t in tensors:
-        if t.dim() > _MAX_DIMS:
-            raise ValueError(f"cannot send a {t.dim()}-d tensor between stages")
-        row += [_DTYPES.index(t.dtype), t.dim(), *t.shape, *([0] * (_MAX_DIMS - t.dim()))]
-    return torch.tensor(row, dtype=torch.int64, device=device)
-
-
-def _header_size(n: int) -> int:
-    return 1 + n * (2 + _MAX_DIMS)
-
-
-def _empty_from_header(header: list[int], device: torch.device) -> list[torch.Tensor]:
-    out = []
-    for i in range(header[0]):
-        code, ndim, *dims = header[1 + i * (2 + _MAX_DIMS) : 1 + (i + 1) * (2 + _MAX_DIMS)]
-        out.append(torch.empty(dims[:ndim], dtype=_DTYPES[code], device=device))
-    return out
-
-
-def _send(tensors: Sequence[torch.Tensor], dst: int, group, device: torch.device) -> None:
-    header = _header(tensors, device)
-    dist.send(torch.tensor([header.numel()], dtype=torch.int64, device=device), dst=dst, group=group)
-    dist.send(header, dst=dst, group=group)
-    for t in tensors:
-        dist.send(t.contiguous(), dst=dst, group=group)
-
-
-def _recv(src: int, group, device: torch.device) -> list[torch.Tensor]:
-    size = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.recv(size, src=src, group=group)
-    header = torch.zeros(int(size), dtype=torch.int64, device=device)
-    dist.recv(header, src=src, group=group)
-    tensors = _empty_from_header(header.tolist(), device)
-    for t in tensors:
-        dist.recv(t, src=src, group=group)
-    return tensors
-
-
 def _run_stages(pipe: Pipeline, batch: dict[str, Any]) -> torch.Tensor | None:
     """One forward through all stages with explicit send/recv; the last stage's output where it runs."""
     args = None
@@ -431,30 +386,13 @@ def _run_stages(pipe: Pipeline, batch: dict[str, Any]) -> torch.Tensor | None:
         elif pipe.stage_ranks[s - 1] == pipe.stage_ranks[s]:
             inputs = out  # the previous stage ran just before, on this rank
         else:
-            inputs = tuple(_recv(pipe.global_rank(s - 1), pipe.group, pipe.device))
+            inputs = tuple(comm.recv_tensors(pipe.global_rank(s - 1), pipe.group, pipe.device))
         out = module(*inputs)
         if s == pipe.num_stages - 1:
             result = out
         elif pipe.stage_ranks[s + 1] != pipe.stage_ranks[s]:
-            _send(out, pipe.global_rank(s + 1), pipe.group, pipe.device)
+            comm.send_tensors(out, pipe.global_rank(s + 1), pipe.group, pipe.device)
     return result
-
-
-def _broadcast_from_last(pipe: Pipeline, tensor: torch.Tensor | None) -> torch.Tensor:
-    src = pipe.global_rank(pipe.num_stages - 1)
-    n = _header_size(1)
-    header = (
-        _header([tensor], pipe.device)
-        if tensor is not None
-        else torch.zeros(n, dtype=torch.int64, device=pipe.device)
-    )
-    dist.broadcast(header, src=src, group=pipe.group)
-    if tensor is None:
-        tensor = _empty_from_header(header.tolist(), pipe.device)[0]
-    else:
-        tensor = tensor.contiguous()
-    dist.broadcast(tensor, src=src, group=pipe.group)
-    return tensor
 
 
 @torch.no_grad()
@@ -475,7 +413,7 @@ def pipeline_forward_logits(
     if logits is not None and positions is not None:
         rows = torch.arange(logits.shape[0], device=logits.device)
         logits = logits[rows, positions.to(logits.device)]
-    return _broadcast_from_last(pipe, logits)
+    return comm.broadcast_tensor(logits, pipe.global_rank(pipe.num_stages - 1), pipe.group, pipe.device)
 
 
 @torch.no_grad()
@@ -492,7 +430,7 @@ def pipeline_forward_loss(
     if logits is not None:
         loss = plain_tensor(pipe.loss.loss_fn(logits, batch["labels"].to(logits.device), num_items))
         loss = loss.float().reshape(())
-    dist.broadcast(loss, src=pipe.global_rank(pipe.num_stages - 1), group=pipe.group)
+    comm.broadcast(loss, src=pipe.global_rank(pipe.num_stages - 1), group=pipe.group)
     return loss
 
 

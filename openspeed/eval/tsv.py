@@ -33,12 +33,15 @@ import string
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from openspeed.errors import BadSampleError, DataError
 from openspeed.eval.vqa import normalize_answer
+
+if TYPE_CHECKING:
+    import torch
 
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # "choices": the MMBench prompt with the options; "question": the question alone, the options only
@@ -471,22 +474,27 @@ def run_tsv_eval(
     prompt_style: str = "choices",
     progress: bool | None = None,
     report=None,
+    device: torch.device | str | None = "auto",
 ) -> dict[str, Any]:
     """``openspeed eval``: read the TSV, load the run's latest checkpoint, answer, score, write.
 
     ``limit`` keeps the first N usable rows. ``out_dir`` defaults to ``<run_dir>/eval/<tsv name>``.
-    ``report`` (e.g. ``print``) receives one line per skipped row. Returns the :func:`evaluate_tsv`
-    result plus ``step``, ``run_dir``, ``out_dir`` and the written ``files``.
+    ``report`` (e.g. ``print``) receives one line per skipped row. The model (and its KV cache) is
+    on ``device`` (``"auto"``: this machine's accelerator, the CPU when it has none; see
+    :func:`openspeed.accelerator.resolve_device`). Returns the :func:`evaluate_tsv` result plus
+    ``step``, ``run_dir``, ``out_dir`` and the written ``files``.
     """
+    from openspeed.accelerator import resolve_device
     from openspeed.data.processor import VLProcessor
     from openspeed.training.run_loading import load_trained
 
+    device = resolve_device(device)  # a device this machine lacks: one line, before any reading
     data = read_tsv(data_path)
     rows = data.rows[:limit] if limit is not None else data.rows
     if not rows:
         raise DataError(f"{data_path}: no usable rows ({len(data.skipped)} skipped"
                         + (f"; first: {data.skipped[0].describe()})" if data.skipped else ")"))
-    trained = load_trained(checkpoint)
+    trained = load_trained(checkpoint, device)
     processor = VLProcessor.from_pretrained(trained.run_config.model.path)
     result = evaluate_tsv(trained.model, processor, rows, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           prompt_style=prompt_style, progress=progress)

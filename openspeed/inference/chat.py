@@ -2,6 +2,11 @@
 
 Answers are greedy by default; with a ``temperature`` and/or ``top_p`` they are sampled (see
 :func:`~openspeed.inference.generate.generate`), reproducibly when a ``seed`` is given.
+
+The model and its KV cache are on ``device`` (``"auto"``: this machine's accelerator, the CPU when it
+has none; see :func:`openspeed.accelerator.resolve_device`); the prompts are moved there and the
+answers come back as text. Sampling draws from a CPU generator, so a seed gives the same draws on
+any device (the tokens then differ only where the device's rounding changes the distribution).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import torch
 
+from openspeed.accelerator import resolve_device
 from openspeed.data.collator import VLCollator
 from openspeed.errors import BadSampleError, DataError
 from openspeed.inference.generate import build_prompt_sample, check_sampling, generate
@@ -31,7 +37,7 @@ def _user_messages(question: str, num_images: int) -> list[dict[str, str]]:
 
 class _Answerer:
     def __init__(self, run_dir: str, max_new_tokens: int, temperature: float | None = None,
-                 top_p: float | None = None, seed: int | None = None):
+                 top_p: float | None = None, seed: int | None = None, device: torch.device | str | None = "auto"):
         # Sampling only when asked for; checked before the (slow) model load.
         self.do_sample = temperature is not None or top_p is not None
         self.temperature = 1.0 if temperature is None else temperature
@@ -43,7 +49,7 @@ class _Answerer:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        self.model, self.processor, self.run_cfg, self.step = load_trained_model(run_dir)
+        self.model, self.processor, self.run_cfg, self.step = load_trained_model(run_dir, resolve_device(device))
         self.collate = VLCollator(self.processor.pad_token_id, self.processor.image_token_id,
                                   self.processor.video_token_id)
         self.max_new_tokens = max_new_tokens
@@ -59,10 +65,11 @@ class _Answerer:
 
 
 def answer_one(run_dir: str, question: str, images: list[str], max_new_tokens: int = 32, *,
-               temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+               device: torch.device | str | None = "auto") -> str:
     """The run's answer to ``question`` about ``images``: greedy, or sampled when ``temperature`` or
-    ``top_p`` is given (reproducibly with ``seed``)."""
-    answerer = _Answerer(run_dir, max_new_tokens, temperature, top_p, seed)
+    ``top_p`` is given (reproducibly with ``seed``), with the model on ``device``."""
+    answerer = _Answerer(run_dir, max_new_tokens, temperature, top_p, seed, device)
     sample = build_prompt_sample(answerer.processor, _user_messages(question, len(images)), images)
     return answerer.answer([sample])[0]
 
@@ -89,14 +96,14 @@ def _record_prompt(record: dict[str, Any], base: str) -> tuple[list[dict[str, An
 
 def answer_file(run_dir: str, questions_path: str, out_path: str | None, max_new_tokens: int = 32,
                 batch_size: int = 8, *, temperature: float | None = None, top_p: float | None = None,
-                seed: int | None = None) -> tuple[int, int]:
+                seed: int | None = None, device: torch.device | str | None = "auto") -> tuple[int, int]:
     """Answer every record of a JSONL file; write each record plus ``prediction`` as JSONL.
 
-    Sampling options as in :func:`answer_one` (one random stream over the whole file). Unusable
-    records (bad JSON, missing image) are written with an ``error`` field instead and counted.
-    Returns (answered, skipped).
+    Sampling options and ``device`` as in :func:`answer_one` (one random stream over the whole
+    file). Unusable records (bad JSON, missing image) are written with an ``error`` field instead and
+    counted. Returns (answered, skipped).
     """
-    answerer = _Answerer(run_dir, max_new_tokens, temperature, top_p, seed)
+    answerer = _Answerer(run_dir, max_new_tokens, temperature, top_p, seed, device)
     base = os.path.dirname(os.path.abspath(questions_path))
     try:
         with open(questions_path, encoding="utf-8") as fh:

@@ -108,11 +108,17 @@ def next_tokens(
     draws from :func:`filter_logits` on ``generator``'s device (the CPU without one), so a CPU
     generator serves a model on any device.
     """
+    return _pick_tokens(logits, do_sample, temperature, top_p, generator).tolist()
+
+
+def _pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """:func:`next_tokens` as a (batch,) long tensor on ``logits``' device (no host copy when greedy)."""
     if not do_sample:
-        return logits.float().argmax(-1).tolist()
+        return logits.float().argmax(-1)
     probs = filter_logits(logits, temperature, top_p).softmax(-1)
     probs = probs.to(generator.device if generator is not None else "cpu")
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
 
 def _row_ends(mask: torch.Tensor) -> list[int]:
@@ -149,7 +155,8 @@ def generate(
             answering ``model(**inputs).logits``. It is put in eval mode for the call and returned to
             its previous mode afterwards.
         batch: prompt-only samples: ``input_ids``, ``attention_mask`` (each row padded on one side),
-            optional ``mm_token_type_ids`` and vision tensors; ``labels`` are ignored.
+            optional ``mm_token_type_ids`` and vision tensors; ``labels`` are ignored. The tensors
+            may be on any device: they are moved to the model's (that of its first parameter).
         max_new_tokens: the most tokens generated per row.
         eos_token_id: a row stops when it produces this id (the id is not returned).
         pad_token_id: the id written into unused positions.
@@ -166,6 +173,11 @@ def generate(
 
     Returns:
         One list of new token ids per row, without the EOS.
+
+    The decoding state (tokens, masks, which rows are done) stays on the model's device: a step
+    reads nothing back to the host except, with ``early_stop``, whether every row is done (and,
+    without a cache, how long the longest row now is), and a sampled step's draw on the
+    generator's device.
     """
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
@@ -179,78 +191,122 @@ def generate(
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(input_ids)
-    ends = _row_ends(mask.cpu())
-    vision = {k: batch[k].to(device) for k in _MODEL_INPUT_KEYS if batch.get(k) is not None}
-    pick = functools.partial(
-        next_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
-    )
-    cache = model.new_kv_cache(seq + max_new_tokens) if use_cache and hasattr(model, "new_kv_cache") else None
-    select_last = _selects_logits_positions(model)
-
-    # Without a cache: room for every new token; columns beyond the longest row's current end are
-    # trimmed off before each forward.
-    width = seq + max_new_tokens if cache is None else seq
-    ids = torch.full((bsz, width), pad_token_id, dtype=torch.long)
-    ids[:, :seq] = input_ids.cpu()
-    attn = torch.zeros((bsz, width), dtype=torch.long)
-    attn[:, :seq] = mask.long().cpu()
-    types = None
+    ends = _row_ends(mask.cpu())  # the prompt's layout, read on the host once
+    prompt = {
+        "input_ids": input_ids.to(device, torch.long),
+        "attention_mask": mask.to(device, torch.long),
+        **{k: batch[k].to(device) for k in _MODEL_INPUT_KEYS if batch.get(k) is not None},
+    }
     if batch.get("mm_token_type_ids") is not None:
-        types = torch.zeros((bsz, width), dtype=batch["mm_token_type_ids"].dtype)
-        types[:, :seq] = batch["mm_token_type_ids"].cpu()
-
-    generated: list[list[int]] = [[] for _ in range(bsz)]
-    done = [False] * bsz
-    rows = torch.arange(bsz)
+        prompt["mm_token_type_ids"] = batch["mm_token_type_ids"].to(device)
+    pick = functools.partial(
+        _pick_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
+    )
+    decode = _decode_with_cache if use_cache and hasattr(model, "new_kv_cache") else _decode_recomputing
     was_training = model.training
     model.eval()
     try:
-        for step in range(max_new_tokens):
-            if early_stop and all(done):
-                break
-            if cache is not None and step > 0:
-                # One column for every row: the token each row chose last step, or padding (masked,
-                # no position) for a row that has finished.
-                last = [generated[b][-1] if not done[b] else pad_token_id for b in range(bsz)]
-                column = torch.tensor([[0 if done[b] else 1] for b in range(bsz)])
-                attn = torch.cat([attn, column], dim=1)
-                inputs: dict[str, Any] = {
-                    "input_ids": torch.tensor(last).unsqueeze(1).to(device),
-                    "attention_mask": attn.to(device),
-                    "kv_cache": cache,
-                }
-                # Vocab-sharded (tensor-parallel) logits are gathered; every TP rank decodes alike.
-                step_logits = full_logits(model(**inputs).logits)[:, -1]
-            else:
-                cur = max(ends)
-                inputs = {"input_ids": ids[:, :cur].to(device), "attention_mask": attn[:, :cur].to(device), **vision}
-                if types is not None:
-                    inputs["mm_token_type_ids"] = types[:, :cur].to(device)
-                if cache is not None:
-                    inputs["kv_cache"] = cache
-                    attn = attn[:, :cur]  # what the cache holds; decode steps add columns to it
-                # Only each row's last real position matters.
-                last_real = torch.tensor(ends) - 1
-                if select_last:
-                    inputs["logits_positions"] = last_real.to(device)
-                    step_logits = full_logits(model(**inputs).logits)[:, 0]
-                else:
-                    logits = full_logits(model(**inputs).logits)
-                    step_logits = logits[rows.to(logits.device), last_real.to(logits.device)]
-            for b, token in enumerate(pick(step_logits)):
-                if done[b]:
-                    continue
-                if token == eos_token_id:
-                    done[b] = True
-                    continue
-                generated[b].append(int(token))
-                if cache is None:
-                    ids[b, ends[b]] = token
-                    attn[b, ends[b]] = 1
-                    ends[b] += 1  # new text token: mm_token_type_ids stays 0
+        tokens, counts = decode(model, prompt, ends, pick, max_new_tokens, eos_token_id, pad_token_id,
+                                early_stop, _selects_logits_positions(model))
     finally:
         model.train(was_training)
-    return generated
+    # One copy back at the end: each row's tokens up to its EOS (a prefix of its columns).
+    return [row[:n] for row, n in zip(tokens.tolist(), counts.tolist())]
+
+
+def _prompt_logits(model: nn.Module, inputs: dict[str, Any], last_real: torch.Tensor,
+                   select_last: bool) -> torch.Tensor:
+    """(batch, vocab) logits at each row's last real position ``last_real`` (batch,)."""
+    if select_last:
+        return full_logits(model(**inputs, logits_positions=last_real).logits)[:, 0]
+    logits = full_logits(model(**inputs).logits)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, last_real.to(logits.device)]
+
+
+def _record(step: int, token: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, done: torch.Tensor,
+            eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Write step ``step``'s tokens of the rows still going into ``tokens`` / ``counts`` (in place);
+    returns which rows took a real (non-EOS) token. ``done`` gains the rows that hit EOS."""
+    real = ~done & (token != eos_token_id)
+    tokens[:, step] = torch.where(real, token, pad_token_id)
+    counts += real
+    done |= token == eos_token_id
+    return real
+
+
+def _decode_with_cache(model: nn.Module, prompt: dict[str, Any], ends: list[int], pick, max_new_tokens: int,
+                       eos_token_id: int, pad_token_id: int, early_stop: bool,
+                       select_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt once (the prefill), then one column for every row per step, read from the cache.
+
+    A row that has finished gets a padding column (masked, no position). Returns the (batch,
+    max_new_tokens) tokens and each row's count of real ones, on the model's device.
+    """
+    ids = prompt["input_ids"]
+    bsz, device = ids.shape[0], ids.device
+    cur = max(ends)  # columns past every row's end hold padding only: not cached
+    inputs = {k: v[:, :cur] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in prompt.items()}
+    attn = inputs["attention_mask"]
+    cache = model.new_kv_cache(cur + max_new_tokens)
+    tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    counts = torch.zeros(bsz, dtype=torch.long, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    last_real = torch.tensor(ends, device=device) - 1
+    logits = _prompt_logits(model, {**inputs, "kv_cache": cache}, last_real, select_last)
+    for step in range(max_new_tokens):
+        token = pick(logits)
+        _record(step, token, tokens, counts, done, eos_token_id, pad_token_id)
+        if step == max_new_tokens - 1 or (early_stop and bool(done.all())):  # the one sync of a step
+            break
+        # The token each row chose, or padding for a row that has finished.
+        attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
+        step_ids = torch.where(done, pad_token_id, token)[:, None]
+        # Vocab-sharded (tensor-parallel) logits are gathered; every TP rank decodes alike.
+        logits = full_logits(model(input_ids=step_ids, attention_mask=attn, kv_cache=cache).logits)[:, -1]
+    return tokens, counts
+
+
+def _decode_recomputing(model: nn.Module, prompt: dict[str, Any], ends: list[int], pick, max_new_tokens: int,
+                        eos_token_id: int, pad_token_id: int, early_stop: bool,
+                        select_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full forward every step; each row's next token is written right after its last real token
+    (into right padding, or one of ``max_new_tokens`` new columns), so the vision placeholders and
+    ``mm_token_type_ids`` never move. Columns past the longest row's end are trimmed off before each
+    forward."""
+    ids = prompt["input_ids"]
+    bsz, device = ids.shape[0], ids.device
+
+    def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((bsz, max_new_tokens), fill)], dim=1)
+
+    ids, attn = widen(ids, pad_token_id), widen(prompt["attention_mask"], 0)
+    types = widen(prompt["mm_token_type_ids"], 0) if "mm_token_type_ids" in prompt else None  # new: text
+    vision = {k: v for k, v in prompt.items() if k in _MODEL_INPUT_KEYS}
+    tokens = torch.full((bsz, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    counts = torch.zeros(bsz, dtype=torch.long, device=device)
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    row_ends = torch.tensor(ends, device=device)
+    rows = torch.arange(bsz, device=device)
+    cur = max(ends)
+    for step in range(max_new_tokens):
+        inputs = {"input_ids": ids[:, :cur], "attention_mask": attn[:, :cur], **vision}
+        if types is not None:
+            inputs["mm_token_type_ids"] = types[:, :cur]
+        token = pick(_prompt_logits(model, inputs, row_ends - 1, select_last))
+        real = _record(step, token, tokens, counts, done, eos_token_id, pad_token_id)
+        at = row_ends  # within the widened rows: each has room for all its new tokens
+        ids[rows, at] = torch.where(real, token, ids[rows, at])
+        attn[rows, at] = torch.where(real, 1, attn[rows, at])
+        row_ends += real
+        if step == max_new_tokens - 1:
+            break
+        # The step's one read-back: the longest row (the next forward's width), and whether all are done.
+        cur, finished = torch.stack([row_ends.max(), done.all().long()]).tolist()
+        if early_stop and finished:
+            break
+    return tokens, counts
 
 
 def _selects_logits_positions(model: nn.Module) -> bool:

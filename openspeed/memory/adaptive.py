@@ -64,10 +64,9 @@ def max_over_ranks(report: SavedBytesReport, group=None) -> SavedBytesReport:
     Plan from this on every rank: ranks measure different batches, and they must all choose the
     same layers (a recomputed tensor-parallel layer repeats its collectives in backward).
     """
-    import torch
     import torch.distributed as dist
 
-    from openspeed.accelerator import get_accelerator
+    from openspeed.distributed.comm import max_counts
     from openspeed.memory.saved_bytes import ModuleBytes
 
     if not dist.is_available() or not dist.is_initialized():
@@ -75,10 +74,7 @@ def max_over_ranks(report: SavedBytesReport, group=None) -> SavedBytesReport:
     names = sorted(report.per_module)
     parts = [report.unattributed, *(report.per_module[n] for n in names)]
     values = [report.device, report.host, *(v for b in parts for v in (b.device, b.host, b.inputs))]
-    device = get_accelerator().device if dist.get_backend(group) != "gloo" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    out = tensor.tolist()
+    out = max_counts(values, group=group)
     blocks = [ModuleBytes(*out[2 + 3 * i : 5 + 3 * i]) for i in range(len(parts))]
     return SavedBytesReport(
         device=out[0], host=out[1], per_module=dict(zip(names, blocks[1:])), unattributed=blocks[0]

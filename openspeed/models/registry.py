@@ -42,7 +42,10 @@ class ModelSpec:
         config_from_hf: ``config.json`` dict -> native config.
         config_to_hf: native config -> ``config.json`` dict.
         build: native config -> ``nn.Module`` (must work under ``torch.device("meta")``).
-        hf_to_native: ``(hf_state_dict, config) -> native_state_dict``.
+        hf_to_native: ``(hf_state_dict, config) -> native_state_dict``; renames only (each value
+            passed through, one may appear under two names, as a tied head does), so applied to
+            ``{name: name}`` it says which checkpoint tensor each native one is read from: loaders
+            read each tensor, or a rank's slice of it, on its own (``loading.hf_sources``).
         native_to_hf: ``(native_state_dict, config) -> hf_state_dict``.
         flops: ``(config, num_text_tokens, image_grid_thw, video_grid_thw, ...) -> training FLOPs``.
         reset_buffers: ``(model, device=None)``; refills non-persistent buffers and re-ties shared

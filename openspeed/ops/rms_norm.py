@@ -12,7 +12,8 @@ from them. Where PyTorch has the private ``aten::_fused_rms_norm`` kernels (torc
 the input gradient use them (one pass each; the backward kernel exists on CUDA but not on the CPU);
 otherwise the same math runs in plain PyTorch.
 
-DTensor inputs (sequence-parallel norms) take the reference path. The fast path's backward is not
+DTensor inputs (sequence-parallel norms) and code being compiled (``train.compile``) take the
+reference path. The fast path's backward is not
 itself differentiable (no double backward).
 """
 
@@ -106,6 +107,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, fast: boo
     rounding; low precision within the input dtype's rounding) while keeping only ``x`` and an fp32
     ``rstd`` per row for backward.
     """
-    if not fast or not _plain_tensors(x, weight):
+    if not fast or not _plain_tensors(x, weight) or torch.compiler.is_compiling():
+        # Inside torch.compile the plain math is traced instead: the compiler fuses it and chooses
+        # what to save itself (and a private kernel a device lacks is never baked into a graph).
         return rms_norm_reference(x, weight, eps)
     return _RMSNormFunction.apply(x, weight, eps)

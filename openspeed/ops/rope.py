@@ -21,6 +21,10 @@ multiplies in place in the fp32 buffer it owns (one allocation fewer each way fo
 accepts a precomputed complex rotation table (:func:`video_rope_rotation`) and multiplies by its
 conjugate in backward. Interleaved pairs are not rotated with real-arithmetic strided views: stride-2
 access measured 2-5x slower than the complex kernels on the CPU.
+
+Code being compiled (``train.compile``) takes the references of the half-split rotations: the compiler
+fuses the plain formula itself, and the fast path's writes into views of one output are not traced
+faithfully (AOT autograd gave wrong values for them).
 """
 
 from __future__ import annotations
@@ -257,7 +261,7 @@ def apply_rotary(
     ``cos``/``sin`` (full ``head_dim``) lack the head axis, which is inserted at ``unsqueeze_dim``. The
     result dtype follows type promotion of ``q`` and the tables, as in the reference.
     """
-    if not fast:
+    if not fast or torch.compiler.is_compiling():  # compiled: the compiler fuses the plain formula
         return apply_rotary_reference(q, k, cos, sin, unsqueeze_dim)
     _check_tables(cos, sin)
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
@@ -272,7 +276,7 @@ def apply_vision_rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fast: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed vision ``q``/``k`` (N, heads, head_dim) rotated in fp32 by (N, head_dim) tables, cast back."""
-    if not fast:
+    if not fast or torch.compiler.is_compiling():
         return apply_vision_rotary_reference(q, k, cos, sin)
     _check_tables(cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)

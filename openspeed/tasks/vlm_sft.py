@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from openspeed.config import RunConfig
+from openspeed.distributed import comm
 from openspeed.distributed.context_parallel.modules import suspended as cp_suspended
 from openspeed.distributed.fsdp import gathered_parameters
 from openspeed.distributed.tensor_parallel import loss_context, plain_tensor
@@ -35,12 +35,6 @@ MODEL_INPUTS = (
     "labels",
     "cu_seqlens",
 )
-
-
-def _all_reduce(*values: float, group) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
 
 
 class VLMTask:
@@ -169,7 +163,10 @@ class VLMTask:
 
     @staticmethod
     def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        """The batch's tensors on ``device``; from pinned memory (the loader's, on CUDA / NPU) the
+        copies are asynchronous, so the training thread does not wait for them."""
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()}
 
     def loss(self, model: nn.Module, batch: dict[str, Any], num_items: int, step: int = 0) -> torch.Tensor:
         """Sum of this batch's token losses divided by the global target count ``num_items``."""
@@ -202,7 +199,7 @@ class VLMTask:
         rounds = math.ceil(len(indices) / per_round)
         was_training = model.training
         model.eval()
-        loss_sum, targets = 0.0, 0
+        loss_sum, targets = torch.zeros((), dtype=torch.float32, device=comm.comm_device()), 0
         with cp_suspended():
             for r in range(rounds):
                 chunk = indices[r * per_round : (r + 1) * per_round]
@@ -211,11 +208,12 @@ class VLMTask:
                 count = self.count_targets(batch)
                 with ctx.acc.autocast(cfg.train.precision), loss_context(model):
                     loss = self.loss(model, batch, 1)  # a plain sum over this batch's target tokens
-                loss_sum += float(plain_tensor(loss))
+                loss_sum += plain_tensor(loss).detach().float().to(loss_sum.device)
                 targets += count
             if was_training:
                 model.train()
-            total, count = _all_reduce(loss_sum, targets, group=ctx.dp_group)
+            total = float(comm.all_reduce(loss_sum, group=ctx.dp_group))
+            (count,) = comm.sum_counts(targets, group=ctx.dp_group)
             scores = self.vqa_scores(model, ctx, indices)
         return {"val_loss": total / max(1.0, count), "val_target_tokens": int(count),
                 "val_accuracy": scores["accuracy"], "val_accuracy_n": scores["n"], "scores": scores}
@@ -230,9 +228,8 @@ class VLMTask:
         with gathered_parameters(model, cfg.parallel.zero_stage), ctx.acc.autocast(cfg.train.precision):
             local = evaluate_vqa(model, self.processor, self.val_set, mine,
                                  batch_size=max(8, cfg.train.micro_batch_size), blank_images=blank_images)
-        parts: list = [None] * ctx.dp_size
         keep = ("predictions", "answers", "qtypes", "skipped")
-        dist.all_gather_object(parts, {k: local[k] for k in keep}, group=ctx.dp_group)
+        parts = comm.all_gather_objects({k: local[k] for k in keep}, group=ctx.dp_group)
         predictions = [p for part in parts for p in part["predictions"]]
         answers = [a for part in parts for a in part["answers"]]
         qtypes = [q for part in parts for q in part["qtypes"]]

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from openspeed.distributed import comm
 from openspeed.errors import CheckpointError
 
 # Optimizer state keyed per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), so the
@@ -93,7 +94,7 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    dist.barrier()
+    comm.barrier()
     model_sd, optim_sd, _ = _merged_state(parts, optimizers)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     with open(os.path.join(tmp, "rng", f"rank{rank}.json"), "w", encoding="utf-8") as fh:
@@ -103,7 +104,7 @@ def save_checkpoint(
     pause = float(os.environ.get("OPENSPEED_TEST_SAVE_PAUSE_S", "0") or 0)
     if pause > 0:
         time.sleep(pause)
-    dist.barrier()
+    comm.barrier()
     if rank == 0:
         with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as fh:
             json.dump({**train_state, "step": step, "world_size": dist.get_world_size()}, fh)
@@ -120,7 +121,7 @@ def save_checkpoint(
             mine = [p for _, p in list_complete(os.path.dirname(path_root)) if run_id_of(p) == run_id]
             for old in mine[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return final
 
 

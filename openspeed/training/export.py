@@ -9,6 +9,10 @@ model directory. A LoRA run's adapters are merged into the weights (a plain mode
 :func:`export_peft`: a LoRA run's adapters alone, as ``adapter_config.json`` +
 ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads over the HF model the run
 started from (``model.path``).
+
+Both load the run on ``device`` (default the CPU, where the weights are written from anyway) and
+write CPU tensors: the files are the same bytes whatever the device (a LoRA merge, the one
+computation, is done on the CPU).
 """
 
 from __future__ import annotations
@@ -101,21 +105,24 @@ def _remove_old_weights(out: Path) -> None:
             path.unlink()
 
 
-def _load_merged(run_dir_or_checkpoint: str, merge_lora: bool, ema: bool = False) -> TrainedModel:
+def _load_merged(run_dir_or_checkpoint: str, merge_lora: bool, ema: bool = False,
+                 device: torch.device | str = "cpu") -> TrainedModel:
     """The run's model as a plain one: a LoRA run's adapters folded into their base weights; with
-    ``ema`` the checkpoint's EMA weights instead of the trained ones."""
+    ``ema`` the checkpoint's EMA weights instead of the trained ones. Loaded on ``device``; a model
+    with adapters is moved to the CPU to merge them, so the merged weights do not depend on the
+    device's matmul rounding."""
     from openspeed.lora import lora_modules
     from openspeed.lora import merge_lora as merge
     from openspeed.training.ema import ema_keys, load_ema_weights
 
-    trained = load_trained(run_dir_or_checkpoint, device="cpu")  # a LoRA run: base + adapters
+    trained = load_trained(run_dir_or_checkpoint, device=device)  # a LoRA run: base + adapters
     if ema:
         if trained.checkpoint is None or not ema_keys(trained.checkpoint):
             raise CheckpointError(f"--ema: run {trained.run_dir} has no checkpoint with EMA weights "
                                   "(train.ema_decay was not set)")
         load_ema_weights(trained.model, trained.checkpoint)
     if lora_modules(trained.model):
-        merge(trained.model)
+        merge(trained.model.cpu())
     elif merge_lora:
         raise CheckpointError(
             f"run {run_dir_or_checkpoint} has no LoRA adapters to merge (model.lora.rank is 0)"
@@ -137,6 +144,7 @@ def export_hf(
     max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE,
     merge_lora: bool = False,
     ema: bool = False,
+    device: torch.device | str = "cpu",
 ) -> Path:
     """Write the run's latest (or the given) checkpoint to ``out_dir`` in Hugging Face format.
 
@@ -145,12 +153,13 @@ def export_hf(
     Writes ``config.json``, ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards and
     ``model.safetensors.index.json`` when the weights exceed ``max_shard_size_bytes``), and copies
     the tokenizer files, ``preprocessor_config.json``, ``chat_template*`` and
-    ``generation_config.json`` from the run's model directory. Weights are saved in fp32, as trained.
+    ``generation_config.json`` from the run's model directory. Weights are saved in fp32, as trained,
+    from the CPU: loading the run on another ``device`` writes the same bytes.
     Returns ``out_dir``. Raises :class:`CheckpointError` for an unusable run or target.
     """
     if max_shard_size_bytes < 1:
         raise ValueError(f"max_shard_size_bytes must be positive, got {max_shard_size_bytes}")
-    trained = _load_merged(run_dir_or_checkpoint, merge_lora, ema)
+    trained = _load_merged(run_dir_or_checkpoint, merge_lora, ema, device)
     model_dir = Path(trained.run_config.model.path)
     out = Path(out_dir)
     _check_target(out, model_dir)
@@ -182,7 +191,7 @@ def export_hf(
     return out
 
 
-def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
+def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Path:
     """Write a LoRA run's adapters (latest or given checkpoint) to ``out_dir`` in peft's format.
 
     ``adapter_config.json`` names the base model (``base_model_name_or_path``: the run's
@@ -191,7 +200,8 @@ def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
     / ``lora_B.weight`` in fp32. The adapter only reproduces the trained model over that base, so a run
     whose base is not ``model.path``'s weights as they are (no weights there: drawn from the seed; or a
     run-level override such as ``model.rope_theta``) is a :class:`CheckpointError` pointing to the
-    merged export. Returns ``out_dir``.
+    merged export. The run is loaded on ``device``; the adapters are written from the CPU. Returns
+    ``out_dir``.
     """
     from openspeed.errors import ConfigError
     from openspeed.lora import lora_state_dict, save_peft_adapter
@@ -223,7 +233,7 @@ def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
         )
     out = Path(out_dir)
     _check_target(out, Path(base))
-    trained = load_lora_run(run_dir_or_checkpoint, device="cpu")
+    trained = load_lora_run(run_dir_or_checkpoint, device=device)
     lora = cfg.model.lora
     save_peft_adapter(
         out, lora_state_dict(trained.model), lora.rank, lora.alpha if lora.alpha is not None else lora.rank,
@@ -234,26 +244,36 @@ def export_peft(run_dir_or_checkpoint: str, out_dir: str | os.PathLike) -> Path:
 
 def export_run(run_dir_or_checkpoint: str, out_dir: str | os.PathLike, *, to: str | None = None,
                merge_lora: bool = False, ema: bool | None = None,
-               max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE) -> str:
+               max_shard_size_bytes: int = DEFAULT_MAX_SHARD_SIZE, device: torch.device | str = "cpu") -> str:
     """``openspeed convert``: the run's family's export (``spec.export``), or, for families without
     one, the transformers-format model (``to="hf"``, LoRA merged) or the peft adapter (``to="peft"``).
-    Returns the line to print."""
-    from openspeed.errors import OpenSpeedError
+    The run is loaded on ``device`` (the files are the same whatever it is). Returns the line to print."""
+    import inspect
+
+    from openspeed.errors import ConfigError, OpenSpeedError
     from openspeed.models.loading import model_config_from_run
     from openspeed.training.run_loading import run_config_of
 
+    device = torch.device(device)
     spec, _ = model_config_from_run(run_config_of(run_dir_or_checkpoint))
     if spec.export is not None:
+        options = {}
+        if device.type != "cpu":
+            # A family's export takes ``device`` when it can load the run elsewhere than the CPU.
+            if "device" not in inspect.signature(spec.export).parameters:
+                raise ConfigError(f"--device {device}: the {spec.name} export loads runs on the CPU only "
+                                  "(use --device cpu)")
+            options["device"] = device
         return spec.export(run_dir_or_checkpoint, out_dir, to=to, merge_lora=merge_lora, ema=ema,
-                           max_shard_size_bytes=max_shard_size_bytes)
+                           max_shard_size_bytes=max_shard_size_bytes, **options)
     if to == "peft":
         if merge_lora:
             raise OpenSpeedError("--merge-lora writes the merged model (--to hf), not a peft adapter")
         if ema:
             raise OpenSpeedError("--ema: a peft adapter holds the trained adapters; export the EMA with --to hf")
-        return f"wrote a LoRA adapter (peft format) to {export_peft(run_dir_or_checkpoint, out_dir)}"
+        return f"wrote a LoRA adapter (peft format) to {export_peft(run_dir_or_checkpoint, out_dir, device)}"
     if to is None and not merge_lora:
         raise OpenSpeedError("openspeed convert: the following arguments are required: --to")
     out = export_hf(run_dir_or_checkpoint, out_dir, max_shard_size_bytes=max_shard_size_bytes,
-                    merge_lora=merge_lora, ema=bool(ema))
+                    merge_lora=merge_lora, ema=bool(ema), device=device)
     return f"wrote a Hugging Face-format model to {out}"

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from openspeed.distributed.comm import all_reduce, comm_device
+
 
 def _mesh_key(grad: torch.Tensor):
     # Meshes compare by value: FSDP builds a mesh object per parameter, all equal.
@@ -22,6 +24,8 @@ def _mesh_key(grad: torch.Tensor):
 def global_grad_norm(params: Iterable[torch.Tensor], stage_group: dist.ProcessGroup | None = None) -> float:
     """The 2-norm of all gradients as one vector, the same value on every rank.
 
+    Squares are summed in float32 on the device (the per-group norms are float32 already).
+
     DTensor gradients are grouped by mesh and placements, and each group's norm is reduced
     once over its mesh (a sum of squares for shards, nothing for replicas). ``stage_group`` sums
     the squares over pipeline stages, which hold disjoint parameters.
@@ -30,15 +34,15 @@ def global_grad_norm(params: Iterable[torch.Tensor], stage_group: dist.ProcessGr
     for param in params:
         if param.grad is not None:
             groups[_mesh_key(param.grad)].append(param.grad)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float32, device=comm_device())
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=None)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        total += norm.detach().to("cpu", torch.float64) ** 2
+        total += norm.detach().float().to(total.device) ** 2
     if stage_group is not None and dist.get_world_size(stage_group) > 1:
-        dist.all_reduce(total, group=stage_group)
-    return math.sqrt(float(total))
+        all_reduce(total, group=stage_group)
+    return math.sqrt(float(total))  # the step's one host copy of the norm (clipping and logging need it)
 
 
 def clip_grad_norm(

@@ -12,9 +12,18 @@ from torch import nn
 from openspeed.config import RunConfig
 from openspeed.distributed.mesh import ParallelDims
 from openspeed.errors import CheckpointError, ConfigError
-from openspeed.models.init import copy_full_into, init_weights
-from openspeed.models.loading import has_hf_weights, load_hf_state_dict, model_config_from_run, model_dir
+from openspeed.models.init import init_weights
+from openspeed.models.loading import (
+    HFWeights,
+    copy_local_into,
+    has_hf_weights,
+    hf_sources,
+    model_config_from_run,
+    model_dir,
+    read_local,
+)
 from openspeed.models.registry import ModelSpec
+from openspeed.training.compile import compile_blocks, compile_enabled
 
 
 def apply_freeze(model: nn.Module, spec: ModelSpec, parts: list[str]) -> int:
@@ -62,16 +71,19 @@ def build_training_model(
 def cut_and_parallelize(
     model: nn.Module, spec: ModelSpec, dims: ParallelDims, cfg: RunConfig, device: torch.device
 ) -> list[nn.Module]:
-    """This rank's parts of a meta-built model (its pipeline stages, or the model), parallelised and
-    materialised (uninitialised) on ``device``."""
+    """This rank's parts of a meta-built model (its pipeline stages, or the model), parallelised,
+    their transformer blocks compiled (``train.compile``), and materialised (uninitialised) on ``device``."""
     if dims.sizes["pp"] > 1:
         if spec.pipeline is None:
             raise ConfigError(f"parallel.pp={dims.sizes['pp']}: {spec.name} has no pipeline plan")
         parts = spec.pipeline.stage_modules(model, dims, cfg.parallel)
     else:
         parts = [model]
+    compiled = compile_enabled(cfg, torch.device(device).type)
     for part in parts:
         spec.parallelize(part, dims, cfg)
+        if compiled:
+            compile_blocks(part, spec, cfg.train.compile_backend)
         part.to_empty(device=device)
         spec.reset_buffers(part, torch.device(device))
     return parts
@@ -101,30 +113,35 @@ def load_base_weights(
 
 
 def load_weights_into(parts: nn.Module | list[nn.Module], spec: ModelSpec, config, path: str,
-                      added: Callable[[str], bool] | None = None) -> None:
-    """Copy HF-format weights into a (possibly sharded) native model, one tensor at a time.
+                      added: Callable[[str], bool] | None = None) -> int:
+    """Copy HF-format weights into a (possibly sharded) native model, one tensor at a time; returns the
+    checkpoint bytes this rank read.
 
     ``parts``: the model, or this rank's pipeline stages; every weight must find a home in the full
     model, and every parameter of the given parts must find its weight, except those ``added``
-    names (e.g. LoRA adapters added to the model, initialised separately).
+    names (e.g. LoRA adapters added to the model, initialised separately). Each rank reads only the
+    slices its parameters hold (a DTensor's local shard: FSDP2 rows, tensor-parallel rows or
+    columns) from the memory-mapped files, cast to the parameter's dtype as it is copied in.
     """
     parts = [parts] if isinstance(parts, nn.Module) else list(parts)
-    native = spec.hf_to_native(load_hf_state_dict(path), config)
     params = {name: p for part in parts for name, p in part.named_parameters()
               if added is None or not added(name)}
-    missing = [name for name in params if name not in native]
-    if missing:
-        raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}" +
-                              (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-    with torch.device("meta"):
-        full = spec.build(config)
-    known = set(dict(full.named_parameters(remove_duplicate=False)))
-    unexpected = [name for name in native if name not in known]
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected weights {', '.join(unexpected[:3])}" +
-                              (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
-    for name, param in params.items():
-        value = native[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: {name} has shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
-        copy_full_into(param, value.float())
+    with HFWeights(path) as weights:
+        sources = hf_sources(spec, weights.names(), config)
+        missing = [name for name in params if name not in sources]
+        if missing:
+            raise CheckpointError(f"{path}: weights missing for {', '.join(missing[:3])}" +
+                                  (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        with torch.device("meta"):
+            full = spec.build(config)
+        known = set(dict(full.named_parameters(remove_duplicate=False)))
+        unexpected = [name for name in sources if name not in known]
+        if unexpected:
+            raise CheckpointError(f"{path}: unexpected weights {', '.join(unexpected[:3])}" +
+                                  (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+        for name, param in params.items():
+            shape = weights.shape(sources[name])
+            if shape != tuple(param.shape):
+                raise CheckpointError(f"{path}: {name} has shape {shape}, model expects {tuple(param.shape)}")
+            copy_local_into(param, read_local(weights, sources[name], param))
+        return weights.bytes_read

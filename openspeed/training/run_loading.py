@@ -137,8 +137,10 @@ def load_trained(run_dir_or_checkpoint: str, device: torch.device | str = "cpu")
     ``run_dir_or_checkpoint`` is a run directory (its latest complete checkpoint is used) or a
     ``checkpoints/step_<N>`` directory inside one. Without any checkpoint the model directory's HF
     weights are loaded, if it has some. A LoRA run (``model.lora.rank`` > 0) gets its base weights and
-    its adapters (:func:`load_lora_run`). The model is fp32, unsharded, on
-    ``device``, in eval mode. Raises :class:`CheckpointError` naming the offending path.
+    its adapters (:func:`load_lora_run`). The model is fp32, unsharded, in eval mode, on ``device``
+    (a concrete one, e.g. from :func:`openspeed.accelerator.resolve_device`): it is materialised
+    there and the stored tensors are copied into it as they are read, with no full CPU copy first.
+    Raises :class:`CheckpointError` naming the offending path.
     """
     run_dir, checkpoint = _resolve(run_dir_or_checkpoint)
     run_cfg = _read_run_config(run_dir)
@@ -180,8 +182,8 @@ def run_config_of(run_dir_or_checkpoint: str) -> RunConfig:
 def load_lora_run(run_dir_or_checkpoint: str, device: torch.device | str = "cpu") -> TrainedModel:
     """A LoRA run's model in one plain process: base weights as trained from, adapters from the checkpoint.
 
-    The model keeps its :class:`~openspeed.lora.LoRALinear` layers (eval mode, fp32, unsharded).
-    Without a checkpoint the adapters are the initial ones (the base model). Raises
+    The model keeps its :class:`~openspeed.lora.LoRALinear` layers (eval mode, fp32, unsharded, on
+    ``device``, as in :func:`load_trained`). Without a checkpoint the adapters are the initial ones (the base model). Raises
     :class:`CheckpointError` naming the path.
     """
     run_dir, checkpoint = _resolve(run_dir_or_checkpoint)

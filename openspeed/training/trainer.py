@@ -14,10 +14,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
+from openspeed.accelerator import get_accelerator, init_distributed
 from openspeed.config import RunConfig, bind_known_family, dump_yaml, resolve_layout
 from openspeed.data.loader import step_batches
 from openspeed.data.schedule import GlobalBatchSchedule
+from openspeed.distributed import comm
+from openspeed.distributed.comm import destroy_distributed
 from openspeed.distributed.fsdp import set_gradient_sync
 from openspeed.distributed.mesh import build_mesh
 from openspeed.distributed.pipeline import (
@@ -42,6 +44,7 @@ from openspeed.models.loading import model_config_from_run
 from openspeed.ops.level import fused, optimization_level, set_optimization_level
 from openspeed.tasks.base import EvalContext
 from openspeed.training import checkpoint as ckpt
+from openspeed.training.compile import CompileClock, check_compile, compile_enabled
 from openspeed.training.ema import WeightEMA
 from openspeed.training.grads import clip_grad_norm
 from openspeed.training.metrics import MetricsWriter, Progress
@@ -62,13 +65,6 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
         self.requested = True
-
-
-def _all_reduce(*values: float, group) -> list[float]:
-    """Sum each value over ``group`` in one collective."""
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
 
 
 def _rng_state(acc) -> dict:
@@ -163,11 +159,6 @@ def resume_run(
     return start_step, resume_from, state
 
 
-def _any_rank(flag: bool) -> bool:
-    """True when ``flag`` holds on some rank (pipeline stages hold different parameters)."""
-    return _all_reduce(1.0 if flag else 0.0, group=None)[0] > 0
-
-
 def _check_pipeline(cfg: RunConfig, sizes: dict[str, int], n_micro: int, spec, config) -> None:
     """Pipeline settings the model and schedule can honour, checked before anything is built."""
     if spec.pipeline is None:
@@ -221,6 +212,24 @@ class Trainer:
         """This rank's model parts, their spec and config, and the LoRA-adapted module names."""
         return build_training_model(self.cfg, dims, self.acc.device)
 
+    def settle_compile(self, spec, sizes: dict[str, int]) -> None:
+        """``train.compile``: asked for, a layout it cannot run is a one-line error; left at its default
+        (on off the CPU), such a layout runs uncompiled with a note."""
+        cfg = self.cfg
+        self.compile_clock = None
+        if not compile_enabled(cfg, self.acc.device_type):
+            return
+        try:
+            check_compile(cfg, sizes, spec)
+        except ConfigError as exc:
+            if cfg.train.compile is not None:
+                raise
+            if self.is_main:
+                print(f"note: running uncompiled ({exc})", file=sys.stderr)
+            cfg.train.compile = False
+            return
+        self.compile_clock = CompileClock.started()
+
     def forward_backward(self, work: list, step: int, num_items: int):
         """Forward and backward over this rank's work of the step (:meth:`step_work`); returns the
         summed loss, on the device."""
@@ -229,8 +238,8 @@ class Trainer:
             with acc.autocast(cfg.train.precision), loss_context(model):
                 loss_sum = pipeline_train_step(self.pipe, work, num_items)
             sync_tied_grads(self.pipe)
-            return torch.as_tensor(loss_sum, dtype=torch.float64)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+            return loss_sum
+        loss_sum = torch.zeros((), dtype=torch.float32, device=acc.device)
         for i, (inputs, scale) in enumerate(work):
             set_gradient_sync(model, i == len(work) - 1)
             with acc.autocast(cfg.train.precision), loss_context(model):
@@ -244,14 +253,14 @@ class Trainer:
                 if scale != 1.0:
                     loss = loss * scale
                 loss.backward()
-            loss_sum += plain_tensor(loss).detach().double()
+            loss_sum += plain_tensor(loss).detach().float()
         return loss_sum
 
     def train_step(self, work: list, step: int, num_items: int) -> tuple[float, float, float]:
         """One optimizer step: forward/backward, loss reduction, clipping, update, EMA, schedule.
         Returns ``(loss, grad_norm, lr)``."""
         loss_sum = self.forward_backward(work, step, num_items)
-        dist.all_reduce(loss_sum, group=self.loss_group)
+        comm.all_reduce(loss_sum, group=self.loss_group)
         grad_norm = clip_grad_norm(self.trainable, self.cfg.train.grad_clip, self.norm_group, self.norm_skip)
         lr = self.optim.lr
         if math.isfinite(grad_norm):
@@ -283,11 +292,10 @@ class Trainer:
         per_batch = [self.task.forwards(b, step) for b in batches]
         if not self.task.uneven_forwards or self.dp_size == 1:
             return [(f, 1.0) for fs in per_batch for f in fs]
-        most = torch.tensor([float(len(fs)) for fs in per_batch], dtype=torch.float64)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.dp_group)
+        most = comm.max_counts([len(fs) for fs in per_batch], group=self.dp_group)
         out = []
-        for fs, n in zip(per_batch, most.tolist()):
-            out += [(f, 1.0) for f in fs] + [(fs[0], 0.0)] * (int(n) - len(fs))
+        for fs, n in zip(per_batch, most):
+            out += [(f, 1.0) for f in fs] + [(fs[0], 0.0)] * (n - len(fs))
         return out
 
     def eval_context(self, step: int) -> EvalContext:
@@ -337,6 +345,7 @@ class Trainer:
         spec, config = model_config_from_run(cfg)
         if spec.check_layout is not None:
             spec.check_layout(cfg, sizes)
+        self.settle_compile(spec, sizes)
         n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp_size)
         if sizes["pp"] > 1:
             _check_pipeline(cfg, sizes, n_micro, spec, config)
@@ -350,7 +359,7 @@ class Trainer:
         if task.val_set is None and cfg.train.eval_interval:
             raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} needs data.val_path")
         trainable = self.trainable = [p for part in parts for p in part.parameters() if p.requires_grad]
-        if not _any_rank(bool(trainable)):
+        if not comm.any_rank(bool(trainable)):
             raise ConfigError(f"model.freeze={cfg.model.freeze} leaves no trainable parameters")
         if self.is_main:
             total = sum(p.numel() for part in parts for p in part.parameters())
@@ -416,17 +425,20 @@ class Trainer:
 
         loader = self.loader = step_batches(task, schedule, start_step + 1, cfg.train.max_steps, self.dp_rank,
                                             self.dp_size, cfg.train.micro_batch_size, cfg.data.num_workers,
-                                            annotate=task.annotate)
+                                            annotate=task.annotate, pin_memory=acc.device_type != "cpu")
         compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         peak = cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else acc.peak_flops(compute_dtype)
+        # What MFU divides by: the vendor's dense peak on known GPUs / NPUs, else the measured matmul rate.
+        metrics.log({"step": start_step, "mfu_of": "train.peak_tflops" if cfg.train.peak_tflops
+                     else acc.peak_source(compute_dtype), "peak_tflops": peak / 1e12})
         for step, (batches, skips) in zip(range(start_step + 1, cfg.train.max_steps + 1), loader):
             profiler.before_step(step)
             t0 = time.perf_counter()
             task.skipped.update(skips)
             work, flops = self.step_work(batches, step)
-            targets, tokens, flops = _all_reduce(sum(task.count_targets(b) for b in batches),
-                                                 sum(task.count_tokens(b) for b in batches), flops,
-                                                 group=self.dp_group)
+            targets, tokens = comm.sum_counts(sum(task.count_targets(b) for b in batches),
+                                              sum(task.count_tokens(b) for b in batches), group=self.dp_group)
+            (flops,) = comm.sum_floats(flops, group=self.dp_group)
             last_loss, grad_norm, lr = self.train_step(work, step, int(targets))
             if self.adaptive is not None and self.adaptive.choice is None:
                 choice = self.adaptive.decide(model, optim, cfg.memory.budget_gb)
@@ -453,6 +465,14 @@ class Trainer:
             per_device = flops / self.world / elapsed if elapsed > 0 else 0.0
             record["tflops"] = per_device / 1e12
             record["mfu"] = per_device / peak
+            if self.compile_clock is not None:
+                # Cumulative: later steps with new input shapes may compile again.
+                record["compile_s"] = self.compile_clock.seconds
+                if step == start_step + 1 and self.is_main:
+                    line = (f"train.compile: {self.compile_clock.compilations} compilations "
+                            f"({cfg.train.compile_backend}) took {self.compile_clock.seconds:.1f} s "
+                            f"of the first step's {elapsed:.1f} s")
+                    progress.write(line) if progress.bar is not None else print(line, file=sys.stderr)
             metrics.log(record)
             progress.update(last_loss, lr, record["tokens_per_s"], record["mfu"])
             trace = profiler.after_step(step)
@@ -512,7 +532,7 @@ def claim_run_dir(cfg: RunConfig, is_main: bool) -> str:
         except OSError as exc:
             outcome = [f"train.run_dir={run_dir}: cannot write {exc.filename or run_dir}: {exc.strerror or exc}",
                        None, None]
-    dist.broadcast_object_list(outcome, src=0)
+    outcome = comm.broadcast_object(outcome, src=0)
     error, moved, run_id = outcome
     if error is not None:
         raise ConfigError(error)
@@ -541,7 +561,7 @@ def stop_early(cfg: RunConfig, stop: _StopFlag, step: int, start_step: int, save
     step's checkpoint, unless ``saved`` says it was just written.
     """
     exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0
-    stop_now = _all_reduce(1.0 if stop.requested else 0.0, group=None)[0] > 0
+    stop_now = comm.any_rank(stop.requested)
     if not (stop_now or exit_now) or step >= cfg.train.max_steps:
         return None
     loader.close()
@@ -594,8 +614,7 @@ def _plot(metrics: MetricsWriter, run_dir: str) -> None:
 
 def _gather_skipped(skipped: dict[int, str], group) -> dict[int, str]:
     """Union of every dp rank's skipped samples (index -> reason)."""
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, skipped, group=group)
+    gathered = comm.all_gather_objects(skipped, group=group)
     union: dict[int, str] = {}
     for part in gathered:
         union.update(part)

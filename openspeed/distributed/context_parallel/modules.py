@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from openspeed.distributed.comm import all_reduce
 from openspeed.distributed.context_parallel.group import ContextParallel
 from openspeed.ops import attention as attention_ops
 
@@ -121,7 +121,7 @@ class _GatherShared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.cp.group)
+        all_reduce(grad, group=ctx.cp.group)
         return ctx.cp.shard(grad, ctx.dim), None, None
 
 

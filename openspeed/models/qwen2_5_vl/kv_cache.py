@@ -7,7 +7,10 @@ vision grids nor its token ids. The model fills it: pass an empty cache with the
 "prefill"), then the same cache with one new token per row at a time.
 
 Storage is allocated on the first append of each layer for ``capacity`` tokens (prompt plus the
-tokens to generate) and filled in place; appending past the capacity re-allocates with room to spare.
+tokens to generate), on the device and in the dtype of the keys and values appended (so the cache
+lives where the model runs), and filled in place; appending past the capacity re-allocates with
+room to spare. Appending reads nothing back to the host (lengths are Python integers), so a decode
+step's layers queue their work without waiting for the device.
 Under tensor parallelism each rank's cache holds its own heads (the projections' local outputs).
 """
 

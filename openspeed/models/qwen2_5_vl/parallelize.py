@@ -207,5 +207,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
         # A pipeline stage lists the blocks it holds.
         fsdp_blocks = getattr(model, "fsdp_blocks", None)
         blocks = fsdp_blocks() if callable(fsdp_blocks) else [*model.visual.blocks, *model.language_model.layers]
-        apply_fsdp(model, dims.dp_mesh(), blocks, zero_stage=cfg.parallel.zero_stage)
+        apply_fsdp(model, dims.dp_mesh(), blocks, zero_stage=cfg.parallel.zero_stage,
+                   precision=cfg.train.precision)
     return model

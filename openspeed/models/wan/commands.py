@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import os
 
-from openspeed.commands import ArgParser, check_paths, check_writable, drop_option, launch, under_launcher
+from openspeed.commands import (
+    ArgParser,
+    add_device_option,
+    check_paths,
+    check_writable,
+    drop_option,
+    launch,
+    under_launcher,
+)
 from openspeed.errors import OpenSpeedError
 from openspeed.models.families import Command
 
@@ -41,6 +49,7 @@ def _generate(args: list[str]) -> int:
     parser.add_argument("--score", action="store_true", help="score colour and motion (moving-shapes checker)")
     parser.add_argument("--no-ema", action="store_true", help="use the trained weights even if EMA exists")
     parser.add_argument("--nproc", type=int, help="processes to split the video tokens over (Ulysses)")
+    add_device_option(parser)
     ns = parser.parse_args(args)
     if ns.nproc is not None and ns.nproc < 1:
         raise OpenSpeedError(f"--nproc: expected a positive integer, got {ns.nproc}")
@@ -69,15 +78,18 @@ def _generate(args: list[str]) -> int:
     if under_launcher():  # a worker of --nproc, or of the user's torchrun: run_generate reads WORLD_SIZE
         if ns.nproc is not None and ns.nproc != int(os.environ["WORLD_SIZE"]):
             raise OpenSpeedError(f"--nproc {ns.nproc} differs from the launcher's {os.environ['WORLD_SIZE']} processes")
-    elif ns.nproc and ns.nproc > 1:
+    from openspeed.models.wan.generate import run_generate, sampling_device
+
+    # A device this machine lacks is one line here, before any process is launched or model loaded.
+    sampling_device(ns.device, int(os.environ["WORLD_SIZE"]) if under_launcher() else ns.nproc or 1)
+    if not under_launcher() and ns.nproc and ns.nproc > 1:
         return launch(ns.nproc, drop_option(args, "--nproc"), command="generate")
-    from openspeed.models.wan.generate import run_generate
 
     summary = run_generate(
         ns.checkpoint, prompts, ns.out, image_paths=ns.image, score=ns.score or bool(ns.eval_prompts),
         ema=False if ns.no_ema else None, frames=ns.frames, height=ns.height, width=ns.width, steps=ns.steps,
         guidance=ns.guidance, shift=ns.shift, seed=ns.seed, negative_prompt=ns.negative_prompt,
-        batch_size=ns.batch_size,
+        batch_size=ns.batch_size, device=ns.device,
     )
     for clip in summary["clips"]:
         line = f"{clip['video']}  {clip['prompt']!r}"
@@ -157,6 +169,7 @@ def _extract_features(args: list[str]) -> int:
 GENERATE = Command(
     "generate",
     '  generate --checkpoint RUN_DIR --prompt "..." [--image first.png] --out out.mp4 [--nproc N]\n'
+    "           [--device auto|cpu|cuda[:N]|npu[:N]]\n"
     "                                              sample videos from a trained Wan run (MP4 + PNG frames);\n"
     "                                              --nproc splits the video tokens over N processes\n",
     _generate,

@@ -2,7 +2,8 @@
 
 Native names say what a weight does (``blocks.3.self_attn.q_proj.weight`` rather than
 ``blocks.3.attn1.to_q.weight``, ``time_modulation`` rather than ``condition_embedder.time_proj``).
-Shapes are identical on both sides, so conversion is a pure rename; tensors are passed through.
+Shapes are identical on both sides, so conversion is a pure rename (:func:`hf_name_map`); tensors are
+passed through.
 
 diffusers -> native (``N`` a block index)::
 
@@ -30,6 +31,7 @@ diffusers -> native (``N`` a block index)::
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from openspeed.models.wan.config import WanConfig
@@ -100,14 +102,15 @@ _TO_DIFFUSERS = (
 )
 
 
+def hf_name_map(hf_names: Iterable[str], config: WanConfig) -> dict[str, str]:
+    """``{native name: diffusers name}`` for a checkpoint holding ``hf_names``: what a loader reads
+    each native weight (or its slice) from, one tensor at a time."""
+    return {_rename_key(key, *_TO_NATIVE): key for key in hf_names if not _UNUSED_DIFFUSERS_KEYS.match(key)}
+
+
 def hf_to_native(state_dict: dict[str, Any], config: WanConfig) -> dict[str, Any]:
-    """Rename a diffusers ``WanTransformer3DModel`` state dict to native names."""
-    out = {}
-    for key, value in state_dict.items():
-        if _UNUSED_DIFFUSERS_KEYS.match(key):
-            continue
-        out[_rename_key(key, *_TO_NATIVE)] = value
-    return out
+    """Rename a diffusers ``WanTransformer3DModel`` state dict to native names (see :func:`hf_name_map`)."""
+    return {native: state_dict[key] for native, key in hf_name_map(state_dict, config).items()}
 
 
 def native_to_hf(state_dict: dict[str, Any], config: WanConfig) -> dict[str, Any]:

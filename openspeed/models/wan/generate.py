@@ -7,8 +7,13 @@ for the empty caption and ``v = v_uncond + guidance * (v_cond - v_uncond)``. The
 the pipeline's VAE (or is the video, in pixel space) and written as an MP4 (GIF where PyAV has no
 encoder) with a PNG contact sheet of its frames.
 
-Each prompt's starting noise is drawn from its own generator (``seed + prompt number``), so a clip does
-not depend on how prompts are batched.
+Each prompt's starting noise is drawn from its own generator (``seed + prompt number``, on the CPU), so
+a clip does not depend on how prompts are batched, nor its noise on the device.
+
+One process samples on ``device`` (``openspeed generate --device``; default this machine's
+accelerator, the CPU when it has none): the DiT and the frozen encoders are loaded there, the
+captions' embeddings, the noise and the image conditions are moved there, and the decoded clips
+come back to the CPU to be written.
 
 Distributed sampling: launched as several processes (``openspeed generate --nproc N``, or under
 ``torchrun``: ``WORLD_SIZE`` > 1), every rank loads the model and the frozen parts, draws the same
@@ -230,9 +235,12 @@ def run_generate(
     image_paths: Sequence[str] = (),
     score: bool = False,
     ema: bool | None = None,
+    device: torch.device | str | None = "auto",
     **sample_kwargs: Any,
 ) -> dict[str, Any]:
     """``openspeed generate``: sample, write the clips (and score them); returns a summary.
+
+    ``device``: where one process samples (see :func:`sampling_device`).
 
     One prompt writes ``out`` (``.mp4``) and ``<out stem>.png``; several write ``clip_NNN.mp4`` / ``.png``
     and ``samples.jsonl`` into the directory ``out``. ``score`` checks each clip's colour and motion
@@ -244,17 +252,20 @@ def run_generate(
     """
     import torch.distributed as dist
 
-    from openspeed.accelerator import destroy_distributed, get_accelerator, init_distributed
+    from openspeed.accelerator import init_distributed
     from openspeed.data.video_text import load_image
+    from openspeed.distributed.comm import destroy_distributed
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = sampling_device(device, world_size)
     images = None
     if image_paths:
         loaded = [load_image(p) for p in image_paths]
         images = loaded * len(prompts) if len(loaded) == 1 else loaded
         if len(images) != len(prompts):
             raise ConfigError(f"--image: give one image, or one per prompt ({len(prompts)})")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        trained = load_trained_dit(checkpoint, "cpu", ema=ema)
+    if world_size <= 1:
+        trained = load_trained_dit(checkpoint, device, ema=ema)
         videos = generate_videos(trained, prompts, images=images, **sample_kwargs)
         return _write_outputs(trained, prompts, videos, out, score)
 
@@ -264,7 +275,7 @@ def run_generate(
     owns_group = not dist.is_initialized()  # a caller's process group is left to the caller
     rank, _ = init_distributed()
     try:
-        trained = load_trained_dit(checkpoint, get_accelerator().device, ema=ema)
+        trained = load_trained_dit(checkpoint, device, ema=ema)
         enable_context_parallel(trained, ContextParallel.from_group(dist.group.WORLD, "ulysses"))
         videos = generate_videos(trained, prompts, images=images, **sample_kwargs)
         if rank == 0:
@@ -273,6 +284,28 @@ def run_generate(
     finally:
         if owns_group:
             destroy_distributed()
+
+
+def sampling_device(name: torch.device | str | None, world_size: int = 1) -> torch.device:
+    """The device ``openspeed generate --device NAME`` samples on; a :class:`ConfigError` line for one
+    this machine lacks.
+
+    One process: :func:`openspeed.accelerator.resolve_device` (``auto``: the accelerator, the CPU when
+    there is none). Several processes each take their local rank's device of the accelerator the
+    process group runs on, so ``NAME`` may only be ``auto`` or that device type
+    (``OPENSPEED_DEVICE=cpu`` runs them on the CPU).
+    """
+    from openspeed.accelerator import DEVICE_ENV, get_accelerator, resolve_device
+
+    device = resolve_device(None if name is None else str(name))
+    if world_size <= 1:
+        return device
+    kind = get_accelerator().device_type
+    asked = "auto" if name is None else str(name).strip().lower()
+    if asked not in ("", "auto", kind):
+        raise ConfigError(f"--device {name}: {world_size} processes each use their own {kind} device "
+                          f"(give --device {kind} or auto; {DEVICE_ENV}=cpu runs them on the CPU)")
+    return get_accelerator().device
 
 
 def _write_outputs(trained: TrainedDiT, prompts: Sequence[str], videos: torch.Tensor, out: str,
@@ -307,4 +340,4 @@ def _write_outputs(trained: TrainedDiT, prompts: Sequence[str], videos: torch.Te
 
 
 __all__ = ["TrainedDiT", "enable_context_parallel", "generate_videos", "load_trained_dit", "run_generate",
-           "sample_latents", "save_clip", "velocity"]
+           "sample_latents", "sampling_device", "save_clip", "velocity"]

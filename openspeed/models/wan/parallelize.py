@@ -29,7 +29,6 @@ import types
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
@@ -40,6 +39,7 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
 )
 
+from openspeed.distributed import comm
 from openspeed.distributed.context_parallel import ContextParallel
 from openspeed.distributed.context_parallel.modules import is_suspended, route_attention
 from openspeed.distributed.fsdp import apply_fsdp
@@ -62,30 +62,13 @@ def check_tensor_parallel_sizes(config: WanConfig, tp: int) -> None:
         check_divisible(tp, sizes)
 
 
-class _SumOverGroup(torch.autograd.Function):
-    """All-reduce (sum) whose backward is the sum of every rank's gradient (each rank used the total)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
 def _head_sharded_rms_norm(self: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm of the full width from this rank's column shard ``x`` (see :class:`HeadShardedRMSNorm`)."""
     width = self.normalized_shape[-1]
     eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps  # nn.RMSNorm's default
     xf = x.float()
     # Sum of squares of the whole row: the local part, summed over the tp ranks.
-    squares = _SumOverGroup.apply(xf.pow(2).sum(-1, keepdim=True), self._openspeed_tp_group)
+    squares = comm.sum_over_group(xf.pow(2).sum(-1, keepdim=True), self._openspeed_tp_group)
     out = xf * torch.rsqrt(squares / width + eps)
     if self.weight is not None:
         out = out * self.weight.to_local().float()
@@ -283,5 +266,6 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
     if getattr(cfg, "memory", None) is not None:
         apply_memory_config(model, cfg.memory, memory_plan(model))
     if dims.fsdp_enabled:
-        apply_fsdp(model, dims.dp_mesh(), list(model.blocks), zero_stage=cfg.parallel.zero_stage)
+        apply_fsdp(model, dims.dp_mesh(), list(model.blocks), zero_stage=cfg.parallel.zero_stage,
+                   precision=cfg.train.precision)
     return model

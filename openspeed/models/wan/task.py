@@ -301,7 +301,7 @@ class WanFlowMatchingTask:
         are reduced over the data-parallel group. Returns ``val_loss`` (the mean over samples and
         levels), ``val_loss_sigma`` (per level) and ``val_samples``.
         """
-        import torch.distributed as dist
+        from openspeed.distributed import comm
 
         cfg = self.cfg
         n = len(self.val_set)
@@ -315,25 +315,24 @@ class WanFlowMatchingTask:
             samples = self.load_batch(self.val_set, mine[start:start + mbs])
             forwards += [(g, k) for g in self.group([self.encode_sample(s) for s in samples])
                          for k in range(len(sigmas))]
-        most = torch.tensor([float(len(forwards))], dtype=torch.float64)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ctx.dp_group)
+        (most,) = comm.max_counts([len(forwards)], group=ctx.dp_group)
         if not forwards:  # fewer validation samples than ranks: run weightless copies
             forwards = [([self.encode_sample(self._weightless_fallback(self.val_set))], 0)]
         padding = [([{**s, "weight": 0.0} for s in forwards[0][0]], forwards[0][1])]
-        forwards += padding * (int(most.item()) - len(forwards))
+        forwards += padding * (most - len(forwards))
         was_training = model.training
         model.eval()
-        sums = torch.zeros(2 * len(sigmas), dtype=torch.float64)
+        sums = torch.zeros(2 * len(sigmas), dtype=torch.float32, device=comm.comm_device())
         for group, k in forwards:
             noise = [torch.randn(s["latent"].shape, generator=sample_generator(cfg.train.seed, -1 - k, int(s["index"])))
                      for s in group]
             with ctx.acc.autocast(cfg.train.precision):
                 total = self._weighted_mse(model, group, [sigmas[k]] * len(group), noise, [s["text"] for s in group])
-            sums[k] += float(total)
+            sums[k] += total.detach().float().to(sums.device)
             sums[len(sigmas) + k] += sum(float(s.get("weight", 1.0)) for s in group)
         if was_training:
             model.train()
-        dist.all_reduce(sums, group=ctx.dp_group)
+        sums = comm.all_reduce(sums, group=ctx.dp_group).cpu().double()
         losses, counts = sums[: len(sigmas)], sums[len(sigmas):]
         per_sigma = {f"{s:g}": float(losses[k] / max(1.0, float(counts[k]))) for k, s in enumerate(sigmas)}
         return {"val_loss": float(losses.sum() / max(1.0, float(counts.sum()))), "val_loss_sigma": per_sigma,
