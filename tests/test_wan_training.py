@@ -98,6 +98,18 @@ def test_data_parallel_matches_one_process(wan_setup, reference_run):
     assert_curves_close(got, ref, steps=(1, 2, 3))
 
 
+def test_compiled_data_parallel_matches_one_process(wan_setup, reference_run):
+    """train.compile (each DiT block, aot_eager) under FSDP2: the eager run's losses and gradient norms."""
+    root, pipeline, clips = wan_setup
+    config = _config(root, pipeline, clips, "dp2_compiled", train={"ema_decay": 0.5})
+    result = run_train(config, "--nproc", "2", "parallel.dp_shard=2", "train.compile=true",
+                       "train.compile_backend=aot_eager")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.compile:" in result.stderr
+    assert_curves_close(train_curve(str(root / "dp2_compiled")), train_curve(reference_run), rel=1e-5,
+                        steps=(1, 2, 3))
+
+
 def test_training_from_extracted_features_takes_the_same_first_step(wan_setup, reference_run):
     root, pipeline, clips = wan_setup
     raw_config = _config(root, pipeline, clips, "unused")
