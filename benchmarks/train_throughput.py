@@ -25,6 +25,8 @@ One training step is forward, backward, optimizer step and ``zero_grad``, timed 
   ``torch.optim.AdamW`` at 0, the fused ``AdamWEMA`` step from 1 on);
 * Hugging Face: ``model(**batch)`` with ``labels`` (HF computes its own loss) and a plain
   ``torch.optim.AdamW(model.parameters())`` loop, what a user would otherwise write;
+* OpenSpeed level 2 with every transformer block compiled (``train.compile``, inductor; the warm-up
+  step compiles);
 * (full run) OpenSpeed level 2 with ``memory.recompute=full`` on every layer.
 
 Both sides run the step under the same ``torch.autocast`` (``Accelerator.autocast``; fp32 = no
@@ -40,20 +42,24 @@ what autograd keeps for backward during one training forward (``openspeed.memory
 parameters excluded, bf16 weight copies made by autocast included). The 1-minute load average is
 sampled after every round and printed with each table.
 
-The second table uses variable-length samples: lengths spread evenly from 30% to 100% of 1024 (30%, not
-25%: a 256-token sample would be the image's 258 tokens alone), each with its image, in a seeded random
-order and batched in pairs. HF and "OpenSpeed padded" get each pair right-padded to its longer sample
+The second table uses variable-length samples from a long-tailed distribution: each is its image and
+prompt (290 tokens) plus an answer whose length is drawn from a lognormal (median 120 tokens, log-sd
+1.0, seed 0), capped at 1024 tokens in all; 8 samples in drawn order, batched in pairs. HF and "OpenSpeed padded" get each pair right-padded to its longer sample
 (what HF's collators do by default); "OpenSpeed packed" gets the same pair as one packed row
 (``VLCollator(packing=True)``, ``cu_seqlens``), as ``data.packing=true`` trains. Each variant's
 figure is the real tokens of a whole pass over the pairs divided by the sum of the per-pair median
 step times.
 
 Before any timing the losses are compared: in fp32, every OpenSpeed level and HF on the same batch
-(and the packed row against HF's padded pair) must agree within 1e-4, otherwise the run stops.
+(and the packed row against HF's padded pair) must agree within 1e-4, otherwise the run stops; once at
+the random init and once more on the weights after 3 OpenSpeed training steps (copied into HF). The
+bf16 matmul rate is measured first: below 5 GFLOP/s (CPUs without native bf16) the bf16 rows are
+skipped with one line saying so.
 
-The last lines give the ratios (OpenSpeed level 2 / HF tokens/s; packed / HF useful tokens/s), bf16 last.
-``--quick``: bf16 only, level 2 against HF on the equal batch, no saved-bytes column, no second table,
-and only level 2's loss checked; its last stdout line is ``openspeed/hf bf16 tokens/s: <ratio>``.
+The last lines give the ratios (OpenSpeed level 2 compiled, and uncompiled, / HF tokens/s; packed / HF
+useful tokens/s), bf16 compiled last. ``--quick``: bf16 only, level 2 compiled against HF on the equal
+batch, no saved-bytes column, no second table, and only level 2's loss checked; its last stdout line is
+``openspeed/hf bf16 tokens/s: <ratio>``.
 ``--profile``: instead of the tables, one profiled step of HF and each level on the equal batch: time per
 phase, per op category and the slowest matmuls with their GFLOP/s (where the time goes).
 """
@@ -86,6 +92,7 @@ from openspeed.models.qwen2_5_vl.memory_plan import memory_plan
 from openspeed.models.registry import get_model_spec
 from openspeed.ops.level import optimization_level_scope
 from openspeed.tasks.vlm_sft import MODEL_INPUTS, VLMTask
+from openspeed.training.compile import compile_blocks
 from openspeed.training.optim import build_optimizer
 
 MiB = 1024 * 1024
@@ -100,10 +107,17 @@ SEQ_LEN = 1024
 BATCH = 2
 PROMPT_TOKENS = 32
 IMAGE_GRID = (1, 32, 32)  # 448x448 pixels in 14-pixel patches (one temporal patch of 2 frames)
-VAR_FRACTIONS = (0.3, 1.0)  # variable-length samples: shortest and longest, as fractions of SEQ_LEN
+# Variable-length samples: the image and prompt (290 tokens) plus a long-tailed answer length drawn
+# from a lognormal (of median VAR_ANSWER_MEDIAN tokens, log-sd VAR_ANSWER_SIGMA; seed 0), each sample
+# capped at SEQ_LEN: most samples are short, a few are long, as in real instruction data.
+VAR_ANSWER_MEDIAN = 120
+VAR_ANSWER_SIGMA = 1.0
 VAR_SAMPLES = 8
+TRAINED_STEPS = 3  # the loss check is repeated on weights trained this many steps
+BF16_USABLE_GFLOPS = 5.0  # below this bf16 matmul rate (some CPUs emulate bf16) the bf16 rows are skipped
 
 SEED = 0
+LEVEL2, LEVEL2_COMPILED = "OpenSpeed level 2", "OpenSpeed level 2 + compile"
 LOSS_TOLERANCE = 1e-4
 OPTIM = OptimConfig(lr=1e-4, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8)
 
@@ -113,8 +127,24 @@ OPTIM = OptimConfig(lr=1e-4, weight_decay=0.01, beta1=0.9, beta2=0.95, eps=1e-8)
 # --------------------------------------------------------------------------------------------------
 
 
-def benchmark_config() -> Qwen2_5_VLConfig:
-    """The benchmark's ~60M-parameter Qwen2.5-VL."""
+def benchmark_config(shape: str = "60m", text_layers: int | None = None, vision_depth: int | None = None
+                     ) -> Qwen2_5_VLConfig:
+    """The benchmark's ~60M-parameter Qwen2.5-VL, or (``shape="3b"``, for accelerators) one with
+    Qwen2.5-VL-3B's widths (vision 1280 x 32 blocks, text 2048 x 36 layers, MLP 11008, 16 / 2 heads;
+    the benchmark's 32000-token vocabulary), optionally with fewer layers to fit beside HF's copy."""
+    if shape == "3b":
+        config = benchmark_config()
+        vision, text = config.vision, config.text
+        vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 32, 1280, 3420, 16
+        vision.out_hidden_size, vision.fullatt_block_indexes = 2048, (7, 15, 23, 31)
+        text.hidden_size, text.intermediate_size, text.num_hidden_layers = 2048, 11008, 36
+        text.num_attention_heads, text.num_key_value_heads, text.mrope_section = 16, 2, (16, 24, 24)
+        if vision_depth is not None:
+            vision.depth = vision_depth
+            vision.fullatt_block_indexes = tuple(i for i in vision.fullatt_block_indexes if i < vision_depth)
+        if text_layers is not None:
+            text.num_hidden_layers = text_layers
+        return config
     return Qwen2_5_VLConfig(
         vision=VisionConfig(
             depth=4,
@@ -214,14 +244,20 @@ def equal_batch(config: Qwen2_5_VLConfig) -> dict[str, torch.Tensor]:
     return collator(False)([make_sample(gen, SEQ_LEN, config.vision.patch_dim) for _ in range(BATCH)])
 
 
+def variable_lengths() -> list[int]:
+    """``VAR_SAMPLES`` sample lengths: 290 image + prompt tokens plus a lognormal answer (seed 0), capped."""
+    import math
+
+    gen = torch.Generator().manual_seed(0)
+    answers = torch.empty(VAR_SAMPLES).log_normal_(math.log(VAR_ANSWER_MEDIAN), VAR_ANSWER_SIGMA, generator=gen)
+    fixed = PROMPT_TOKENS + IMAGE_GRID[1] * IMAGE_GRID[2] // 4 + 2
+    return [min(SEQ_LEN, fixed + max(1, round(float(a)))) for a in answers]
+
+
 def variable_pairs(config: Qwen2_5_VLConfig) -> list[list[dict[str, torch.Tensor]]]:
-    """``VAR_SAMPLES`` samples, lengths spread evenly over ``VAR_FRACTIONS`` of ``SEQ_LEN``, shuffled
-    (seeded) and grouped in pairs."""
+    """``VAR_SAMPLES`` samples of :func:`variable_lengths`, in drawn order, grouped in pairs."""
     gen = torch.Generator().manual_seed(SEED + 2)
-    low, high = VAR_FRACTIONS
-    lengths = [round(SEQ_LEN * (low + (high - low) * i / (VAR_SAMPLES - 1))) for i in range(VAR_SAMPLES)]
-    order = torch.randperm(VAR_SAMPLES, generator=gen).tolist()
-    samples = [make_sample(gen, lengths[i], config.vision.patch_dim) for i in order]
+    samples = [make_sample(gen, n, config.vision.patch_dim) for n in variable_lengths()]
     return [samples[i : i + BATCH] for i in range(0, len(samples), BATCH)]
 
 
@@ -306,11 +342,14 @@ class Variant:
 
 
 def openspeed_variant(
-    name: str, config: Qwen2_5_VLConfig, state: dict, level: int, batches: list, recompute: str = "none"
+    name: str, config: Qwen2_5_VLConfig, state: dict, level: int, batches: list, recompute: str = "none",
+    compile_backend: str | None = None,
 ) -> Variant:
     model = native_model(config, state)
     if recompute != "none":
         apply_recompute(model, recompute, plan=memory_plan(model))
+    if compile_backend is not None:  # train.compile: every transformer block compiled (the warm-up compiles)
+        compile_blocks(model, get_model_spec("qwen2_5_vl"), compile_backend)
     with optimization_level_scope(level):  # build_optimizer picks the fused step from level 1 on
         optimizer = build_optimizer(model, OPTIM)
     return Variant(name, model, optimizer, level, [on_device(b) for b in batches])
@@ -339,8 +378,16 @@ def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], level: int | 
         return float(training_loss(model, batch, hf=level is None))
 
 
+def trained_state(config: Qwen2_5_VLConfig, state: dict, batch: dict, steps: int) -> dict[str, torch.Tensor]:
+    """The weights after ``steps`` fp32 OpenSpeed training steps (level 2) on ``batch`` from ``state``."""
+    variant = openspeed_variant("trained", config, state, 2, [batch])
+    for _ in range(steps):
+        variant.step(variant.batches[0], "fp32")
+    return {k: v.detach().cpu().clone() for k, v in variant.model.state_dict().items()}
+
+
 def check_losses(
-    config: Qwen2_5_VLConfig, state: dict, batch: dict, pair: list | None, levels: list[int]
+    config: Qwen2_5_VLConfig, state: dict, batch: dict, pair: list | None, levels: list[int], label: str = "init"
 ) -> float:
     """Compare OpenSpeed's fp32 losses (each level; the packed pair) with HF's; exit if they differ.
 
@@ -349,7 +396,7 @@ def check_losses(
     hf, native = hf_model(config, state), native_model(config, state)
     batch = on_device(batch)
     ref = forward_loss(hf, batch, None)
-    print(f"loss check (fp32, equal batch): HF = {ref:.6f}", flush=True)
+    print(f"loss check (fp32, {label} weights, equal batch): HF = {ref:.6f}", flush=True)
     checks = [(f"OpenSpeed level {lv}", forward_loss(native, batch, lv), ref) for lv in levels]
     if pair is not None:
         ref_pair = forward_loss(hf, on_device(collator(False)(pair)), None)
@@ -489,6 +536,7 @@ def equal_variants(
     """HF, OpenSpeed at each level and (optionally) level 2 with full recompute, on the equal batch."""
     variants = [hf_variant("HF transformers + torch AdamW", config, state, [batch])]
     variants += [openspeed_variant(f"OpenSpeed level {lv}", config, state, lv, [batch]) for lv in levels]
+    variants.append(openspeed_variant(LEVEL2_COMPILED, config, state, 2, [batch], compile_backend="inductor"))
     if with_recompute:
         name = "OpenSpeed level 2 + recompute=full"
         variants.append(openspeed_variant(name, config, state, 2, [batch], "full"))
@@ -582,6 +630,10 @@ def _matmul_flops(name: str, shapes: list) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="bf16, level 2 vs HF, equal batches only")
+    parser.add_argument("--shape", choices=("60m", "3b"), default="60m",
+                        help="3b: Qwen2.5-VL-3B widths (for a GPU / NPU; see benchmarks/gpu_check.sh)")
+    parser.add_argument("--text-layers", type=int, default=None, help="with --shape 3b: decoder layers")
+    parser.add_argument("--vision-depth", type=int, default=None, help="with --shape 3b: vision blocks")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per batch after 1 warm-up (>= 3)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all CPUs)")
     parser.add_argument(
@@ -613,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{datetime.datetime.now().isoformat(timespec='minutes')}, load average at start {load_averages()}",
         flush=True,
     )
-    config = benchmark_config()
+    config = benchmark_config(args.shape, args.text_layers, args.vision_depth)
     state = reference_state(config)
     batch = equal_batch(config)
     pairs = [] if args.quick else variable_pairs(config)
@@ -632,10 +684,25 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-    # Same thing computed? fp32 losses of the OpenSpeed levels (and the packed row) against HF's.
-    check_losses(config, state, batch, pairs[0] if pairs else None, [2] if args.quick else [0, 1, 2])
+    # Same thing computed? fp32 losses of the OpenSpeed levels (and the packed row) against HF's, at the
+    # random init and on weights trained a few steps (where a wrong gradient would have moved them apart).
+    check_levels = [2] if args.quick else [0, 1, 2]
+    check_losses(config, state, batch, pairs[0] if pairs else None, check_levels)
+    trained = trained_state(config, state, batch, TRAINED_STEPS)
+    check_losses(config, trained, batch, pairs[0] if pairs else None, check_levels,
+                 label=f"{TRAINED_STEPS}-step trained")
 
-    levels = [2] if args.quick else [0, 1, 2]
+    if "bf16" in precisions:
+        rate = measured_peak(torch.bfloat16) / 1e9
+        if rate < BF16_USABLE_GFLOPS:
+            print(f"bf16 rows skipped: this {acc.device_type} multiplies bf16 matrices at {rate:.1f} GFLOP/s "
+                  f"(< {BF16_USABLE_GFLOPS:g}; it has no native bf16 matmul)", flush=True)
+            precisions = [p for p in precisions if p != "bf16"]
+            if args.quick:
+                print("openspeed/hf bf16 tokens/s: skipped")
+                return
+
+    levels = [] if args.quick else [0, 1, 2]
     if args.profile:
         for precision in precisions:
             print(f"\n## Where the time goes: one profiled step, equal batch, {precision}")
@@ -665,8 +732,11 @@ def main(argv: list[str] | None = None) -> None:
             useful=False,
             measure_saved=not args.quick,
         )
-        level2 = next(r for r in rows if r.name == "OpenSpeed level 2")
-        ratios[precision] = (level2.tokens / level2.step_s) / (rows[0].tokens / rows[0].step_s)
+        hf_rate = rows[0].tokens / rows[0].step_s
+        for row in rows[1:]:
+            if row.name in (LEVEL2, LEVEL2_COMPILED):
+                ratios[precision + ("" if row.name == LEVEL2_COMPILED else " uncompiled")] = (
+                    row.tokens / row.step_s / hf_rate)
         if pairs:
             rows = run_table(
                 f"Variable-length pairs, {precision} (useful = non-padding tokens)",
@@ -678,8 +748,11 @@ def main(argv: list[str] | None = None) -> None:
             )
             packed = rows[2].tokens / rows[2].step_s
             ratios[f"{precision} packed"] = packed / (rows[0].tokens / rows[0].step_s)
+    if acc.device_type != "cpu":
+        print(f"peak device memory: {acc.max_memory_allocated() / 2**30:.1f} GiB (all variants resident)")
     print()
-    for name, ratio in sorted(ratios.items(), key=lambda kv: kv[0] == "bf16"):
+    # bf16 (level 2 compiled) last: the headline (and --quick's only) figure.
+    for name, ratio in sorted(ratios.items(), key=lambda kv: (kv[0].startswith("bf16"), kv[0] == "bf16")):
         print(f"openspeed/hf {name} {'useful ' if 'packed' in name else ''}tokens/s: {ratio:.2f}")
 
 
