@@ -472,7 +472,7 @@ def summarize(variant: Variant, config: Qwen2_5_VLConfig, saved: int) -> Row:
     step = sum(statistics.median(t) for t in variant.times)
     tokens = sum(VLMTask.count_tokens(b) for b in variant.batches)
     computed = sum(b["input_ids"].numel() for b in variant.batches)
-    flops = sum(VLMTask.flops(spec, config, b) for b in variant.batches)
+    flops = sum(VLMTask.batch_flops(spec, config, b) for b in variant.batches)
     return Row(variant.name, step, tokens, computed, flops, saved)
 
 
