@@ -17,7 +17,9 @@ materialise their shards and load the checkpoint:
 * new: ``load_weights_into``: each rank reads only the slices its shards hold from the memory-mapped
   files, one tensor at a time, cast as they arrive.
 
-Each rank samples ``RssAnon`` (anonymous resident memory, from ``/proc/self/status``: the pages of a
+Safetensors files are memory-mapped by both paths, so the old path's bf16 copy of the checkpoint
+lives mostly in the page cache, not in anonymous memory; the table also gives the checkpoint bytes
+each rank read (every byte on the old path, its shards' on the new one). Each rank samples ``RssAnon`` (anonymous resident memory, from ``/proc/self/status``: the pages of a
 memory-mapped file do not count, they are the page cache's) every 2 ms from before materialising to
 the end of the load; the peak growth over that baseline includes the rank's own fp32 shard. The
 target is ``1.3 x (the rank's fp32 shard + the largest single tensor in fp32)``. Both paths must give
@@ -186,14 +188,15 @@ def _worker(rank: int, world: int, port: int, path: str, method: str, out: str) 
             spec.reset_buffers(model, torch.device("cpu"))
             if method == "old":
                 _load_old([model], spec, config, path)
+                read = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
             else:
-                load_weights_into([model], spec, config, path)
+                read = load_weights_into([model], spec, config, path)
         seconds = time.perf_counter() - start
         checksum = sum(float((p.to_local() if isinstance(p, DTensor) else p).detach().double().sum())
                        for p in model.parameters())
         Path(out, f"{method}{rank}.json").write_text(json.dumps({
             "peak": sampler.peak - baseline, "target": TARGET_FACTOR * (shard_bytes + largest),
-            "shard": shard_bytes, "largest": largest, "seconds": seconds, "checksum": checksum}))
+            "shard": shard_bytes, "largest": largest, "seconds": seconds, "read": read, "checksum": checksum}))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -239,11 +242,11 @@ def main(argv: list[str] | None = None) -> None:
             results[method] = run_path(str(path), method, args.world, tmp)
         print(f"\ndp_shard={args.world}; growth of RssAnon from before materialising to the end of the load; target "
               f"= {TARGET_FACTOR} x (the rank's fp32 shard + the largest tensor in fp32)\n")
-        print("| path | rank | fp32 shard GiB | peak growth GiB | target GiB | peak / target | load s |")
-        print("|---|---|---|---|---|---|---|")
+        print("| path | rank | checkpoint GiB read | fp32 shard GiB | peak growth GiB | target GiB | peak / target | load s |")
+        print("|---|---|---|---|---|---|---|---|")
         for method, rows in results.items():
             for rank, row in enumerate(rows):
-                print(f"| {method} | {rank} | {row['shard'] / GiB:.2f} | {row['peak'] / GiB:.2f} | "
+                print(f"| {method} | {rank} | {row['read'] / GiB:.2f} | {row['shard'] / GiB:.2f} | {row['peak'] / GiB:.2f} | "
                       f"{row['target'] / GiB:.2f} | {row['peak'] / row['target']:.2f} | {row['seconds']:.1f} |")
         for rank, (old, new) in enumerate(zip(results["old"], results["new"])):
             if abs(old["checksum"] - new["checksum"]) > 1e-6 * max(1.0, abs(old["checksum"])):
