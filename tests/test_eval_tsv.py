@@ -9,10 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
+from _runs import untrained_run_dir
 from PIL import Image
 
 from openspeed.data.shapes import answer_choices, make_shapes_dataset, write_shapes_tsv
@@ -219,30 +219,7 @@ def test_shapes_tsv_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory):
     """A run dir over a small shapes set with a random-init model saved as a step-1 DCP checkpoint."""
-    import torch.distributed.checkpoint as dcp
-
-    from openspeed.config import RunConfig, dump_yaml
-    from openspeed.models.init import init_weights
-    from openspeed.training.model_setup import model_config_from_run
-
-    root = tmp_path_factory.mktemp("evalrun")
-    info = make_shapes_dataset(root / "shapes", num=60, seed=2)
-    cfg = RunConfig()
-    cfg.model.path = str(info["model_dir"])
-    cfg.model.rope_theta = 10.0
-    run_dir = root / "run"
-    cfg.train.run_dir = str(run_dir)
-    os.makedirs(run_dir)
-    dump_yaml(cfg, str(run_dir / "config.yaml"))
-    spec, config = model_config_from_run(cfg)
-    model = spec.build(config)
-    init_weights(model, seed=11, std=0.1)
-    step_dir = run_dir / "checkpoints" / "step_1"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(step_dir), no_dist=True)
-    (step_dir / "train_state.json").write_text(json.dumps({"step": 1}))
-    return info, run_dir
+    return untrained_run_dir(tmp_path_factory.mktemp("evalrun"), num=60, rope_theta=10.0)
 
 
 def _cli(*args):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _runs import plain_process  # noqa: F401 - autouse: a clean environment per test
 
 from openspeed import cli
 from openspeed.commands import ERROR_FILE_ENV, EXIT_USER_ERROR
@@ -43,18 +44,6 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> s
     full.pop(ERROR_FILE_ENV, None)
     return subprocess.run([sys.executable, "-m", "openspeed", *args], cwd=ROOT, env=full, capture_output=True,
                           text=True, timeout=timeout)
-
-
-@pytest.fixture(autouse=True)
-def _plain_process(monkeypatch):
-    """Errors printed here, not handed to a launcher; the device chosen afresh in each test."""
-    from openspeed.accelerator import get_accelerator
-
-    for name in (ERROR_FILE_ENV, "RANK", "LOCAL_RANK", "WORLD_SIZE", "OPENSPEED_DEVICE"):
-        monkeypatch.delenv(name, raising=False)
-    get_accelerator.cache_clear()
-    yield
-    get_accelerator.cache_clear()
 
 
 def _wan_model(folder: Path, **changes) -> Path:

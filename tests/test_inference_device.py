@@ -18,13 +18,13 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from _qwen_tiny import PAD_ID, make_batch, native_config
+from _runs import plain_process, untrained_run_dir  # noqa: F401 - plain_process: autouse
 
 from openspeed import cli
 from openspeed.commands import ERROR_FILE_ENV, EXIT_USER_ERROR
@@ -45,18 +45,6 @@ def _missing_device() -> str:
     return "cuda" if _accelerator() != "cuda" else "cuda:4096"
 
 
-@pytest.fixture(autouse=True)
-def _plain_process(monkeypatch):
-    """Errors printed here, not handed to a launcher; the device chosen afresh in each test."""
-    from openspeed.accelerator import get_accelerator
-
-    for name in (ERROR_FILE_ENV, "RANK", "LOCAL_RANK", "WORLD_SIZE", "OPENSPEED_DEVICE"):
-        monkeypatch.delenv(name, raising=False)
-    get_accelerator.cache_clear()
-    yield
-    get_accelerator.cache_clear()
-
-
 def _main(capsys, *argv) -> tuple[int, str, list[str]]:
     """``openspeed ARGV`` in this process: (exit status, stdout, stderr lines)."""
     capsys.readouterr()
@@ -71,30 +59,7 @@ def _main(capsys, *argv) -> tuple[int, str, list[str]]:
 @pytest.fixture(scope="module")
 def vlm_run(tmp_path_factory):
     """(shapes set info, run dir): the shapes set's tiny model at random weights as a step-1 checkpoint."""
-    import torch.distributed.checkpoint as dcp
-
-    from openspeed.config import RunConfig, dump_yaml
-    from openspeed.data.shapes import make_shapes_dataset
-    from openspeed.models.init import init_weights
-    from openspeed.training.model_setup import model_config_from_run
-
-    root = tmp_path_factory.mktemp("device_vlm")
-    info = make_shapes_dataset(root / "shapes", num=40, seed=2)
-    cfg = RunConfig()
-    cfg.model.path = str(info["model_dir"])
-    run_dir = root / "run"
-    cfg.train.run_dir = str(run_dir)
-    os.makedirs(run_dir)
-    dump_yaml(cfg, str(run_dir / "config.yaml"))
-    spec, config = model_config_from_run(cfg)
-    model = spec.build(config)
-    init_weights(model, seed=11, std=0.1)
-    step_dir = run_dir / "checkpoints" / "step_1"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(step_dir), no_dist=True)
-    (step_dir / "train_state.json").write_text(json.dumps({"step": 1}))
-    return info, run_dir
+    return untrained_run_dir(tmp_path_factory.mktemp("device_vlm"), num=40)
 
 
 @pytest.fixture(scope="module")
