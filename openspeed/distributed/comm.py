@@ -53,12 +53,6 @@ def max_counts(counts: Sequence[int], group: dist.ProcessGroup | None = None) ->
     return [int(v) for v in all_reduce(tensor, op="max", group=group).tolist()]
 
 
-def sum_floats(*values: float, group: dist.ProcessGroup | None = None) -> list[float]:
-    """Each value summed over ``group`` as float32 (for rates and FLOPs, not for counts)."""
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float32, device=comm_device())
-    return all_reduce(tensor, group=group).tolist()
-
-
 def any_rank(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
     """True when ``flag`` holds on some rank of ``group``."""
     return max_counts([int(bool(flag))], group)[0] > 0

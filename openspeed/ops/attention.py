@@ -15,10 +15,19 @@ Backends: PyTorch SDPA everywhere; when the ``flash_attn`` package is installed 
 fp16/bf16 on a CUDA device, the padded and packed layouts go through ``flash_attn_varlen_func``
 instead (padding is removed first, so no work is spent on it).
 
+Attention metadata: what a layout needs besides q/k/v (the segment bounds as Python ints, the runs of
+equal-length segments, and for flash-attn the kept-token indices, int32 ``cu_seqlens`` and the longest
+sequence) is the same for every layer of a forward. A model builds one :class:`AttentionPlan` per
+forward (:func:`attention_plan`) and passes it to every layer's call (``plan=``); the plan derives each
+piece on first use and keeps it, so a forward reads ``cu_seqlens`` / the padding mask on the host
+at most once, whatever its depth. Calls with ``attention_mask`` / ``cu_seqlens`` instead build a plan
+of their own (derived per call, as before).
+
 Context parallelism: inside :func:`context_parallel_scope` (entered by the cp plan's module hooks,
 see :mod:`openspeed.distributed.context_parallel.modules`), ``q``/``k``/``v`` are one rank's sequence
 shard and the call is answered by the cp algorithm (Ulysses, ring or hybrid) over the whole sequence;
-``attention_mask`` is then the local shard and ``cu_seqlens`` stays global.
+``attention_mask`` is then the local shard and ``cu_seqlens`` stays global (a plan holds them as
+given, and keeps what the cp algorithm derives from them for the forward's later layers).
 """
 
 from __future__ import annotations
@@ -65,7 +74,7 @@ def _dense_attention(
 
 
 # --------------------------------------------------------------------------------------------------
-# Packed sequences (cu_seqlens)
+# Attention metadata, once per forward
 # --------------------------------------------------------------------------------------------------
 
 
@@ -83,19 +92,141 @@ def _segment_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> list[int]
     return bounds
 
 
+def _equal_length_runs(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, length, count)``: maximal runs of back-to-back non-empty segments of one length."""
+    runs: list[list[int]] = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        if runs and runs[-1][1] == end - start:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, end - start, 1])
+    return [(start, length, count) for start, length, count in runs]
+
+
+class VarlenLayout:
+    """The token-major layout of flash-attn's varlen kernels for one plan on one device.
+
+    ``keep``: indices of the real tokens in the flattened ``(batch * seq)`` order (``None`` without
+    padding); ``cu_seqlens``: int32 cumulative lengths of the non-empty sequences, on the device;
+    ``max_len``: the longest of them (a Python int); ``empty``: no real token at all.
+    """
+
+    def __init__(self, keep: torch.Tensor | None, cu_seqlens: torch.Tensor, max_len: int, empty: bool) -> None:
+        self.keep, self.cu_seqlens, self.max_len, self.empty = keep, cu_seqlens, max_len, empty
+
+
+class AttentionPlan:
+    """The layout of one forward's attention calls, and what the calls derive from it, kept.
+
+    Build it with :func:`attention_plan` once per forward and pass it to every layer's
+    :func:`attention` call. ``attention_mask`` / ``cu_seqlens`` are held as given (under context
+    parallelism the mask is the rank's local shard and ``cu_seqlens`` global); the segment bounds,
+    the SDPA runs and the flash-attn layout are derived on first use (checked against that call's
+    query shape) and reused by the later calls. ``cache`` is for other consumers of the plan (the
+    context-parallel attention keeps its masks and block plans there).
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> None:
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+        self.attention_mask = attention_mask
+        self.cu_seqlens = cu_seqlens
+        self.cache: dict[Any, Any] = {}
+        self._bounds: list[int] | None = None
+        self._shape: tuple[int, int] | None = None  # the (batch, seq) the bounds were checked against
+        self._runs: list[tuple[int, int, int]] | None = None
+        self._varlen: dict[torch.device, VarlenLayout] = {}
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def bounds(self, batch: int, seq: int) -> list[int] | None:
+        """The checked segment bounds (``None`` when not packed); read on the host on first use."""
+        if self.cu_seqlens is None:
+            return None
+        if self._shape is None:
+            self._bounds = _segment_bounds(self.cu_seqlens, batch, seq)
+            self._shape = (batch, seq)
+        elif self._shape != (batch, seq):
+            raise ValueError(
+                f"this attention plan is for (batch, seq) = {self._shape}, got a call with {(batch, seq)}"
+            )
+        return self._bounds
+
+    def runs(self, batch: int, seq: int) -> list[tuple[int, int, int]]:
+        """``(start, length, count)`` runs of equal-length segments (see :func:`_packed_sdpa`)."""
+        if self._runs is None:
+            self._runs = _equal_length_runs(self.bounds(batch, seq))
+        else:
+            self.bounds(batch, seq)  # the shape check
+        return self._runs
+
+    def varlen(self, batch: int, seq: int, device: torch.device) -> VarlenLayout:
+        """flash-attn's varlen layout for ``(batch, seq)`` queries on ``device``, built once.
+
+        The only host read is here: the padding mask (one copy per plan) when there is one; the
+        indices and lengths go to ``device`` once and stay there for every later layer.
+        """
+        layout = self._varlen.get(device)
+        if layout is not None:
+            self.bounds(batch, seq)  # the shape check
+            return layout
+        bounds = self.bounds(batch, seq)
+        if bounds is None:
+            bounds = list(range(0, batch * seq + 1, seq))  # one sequence per row of the flattened batch
+        keep = None
+        if self.attention_mask is None:
+            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            if tuple(self.attention_mask.shape) != (batch, seq):
+                raise ValueError(
+                    f"attention_mask {tuple(self.attention_mask.shape)} does not match the queries {(batch, seq)}"
+                )
+            real = self.attention_mask.reshape(-1).to("cpu", torch.bool)
+            lengths = [int(real[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+            keep = real.nonzero().squeeze(1).to(device, non_blocking=True)
+        lengths = [n for n in lengths if n > 0]
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        layout = VarlenLayout(keep, cu.to(device, non_blocking=True), max(lengths, default=0), not lengths)
+        self._varlen[device] = layout
+        return layout
+
+
+def attention_plan(
+    attention_mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+) -> AttentionPlan:
+    """The :class:`AttentionPlan` of a forward: build it once, pass it to every layer's :func:`attention`.
+
+    Args mean what they mean for :func:`attention`. ``cu_seqlens`` is read on the host once (a CPU
+    tensor, as the collator builds it, costs no device sync); the padding mask is read on the host
+    once only if the flash-attn varlen path runs.
+    """
+    return AttentionPlan(attention_mask, cu_seqlens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed sequences (cu_seqlens)
+# --------------------------------------------------------------------------------------------------
+
+
 def _run_as_batch(t: torch.Tensor, start: int, length: int, n: int) -> torch.Tensor:
     """(1, H, seq, D) -> (n, H, length, D): ``n`` adjacent segments from ``start`` as batch rows (a view)."""
     rows = t[0, :, start : start + n * length]
     return rows.reshape(t.shape[1], n, length, t.shape[3]).transpose(0, 1)
 
 
+# Outside torch.compile's graphs: the loop runs over this batch's segments, so tracing it would
+# specialise (and recompile) on every new packing.
+@torch.compiler.disable
 def _packed_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     causal: bool,
-    attention_mask: torch.Tensor | None,
-    bounds: list[int],
+    plan: AttentionPlan,
     scale: float | None,
 ) -> torch.Tensor:
     """Packed attention with SDPA: each run of back-to-back equal-length segments is one batched call.
@@ -105,16 +236,10 @@ def _packed_sdpa(
     rows: the vision tower's windows, mostly of one size, take a few calls per image rather than one
     per window, and a packed text row of ``n`` samples takes at most ``n`` calls.
     """
-    runs: list[list[int]] = []  # [start, length, count]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        if runs and runs[-1][1] == end - start:
-            runs[-1][2] += 1
-        else:
-            runs.append([start, end - start, 1])
+    runs = plan.runs(q.shape[0], q.shape[2])
     if not runs:
         return torch.empty_like(q)
+    attention_mask = plan.attention_mask
     heads, dim = q.shape[1], q.shape[3]
     outputs = []
     for start, length, n in runs:
@@ -158,40 +283,33 @@ def _flash_dtype(q: torch.Tensor) -> torch.dtype | None:
     return dtype
 
 
+@torch.compiler.disable
 def _flash_varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     causal: bool,
-    attention_mask: torch.Tensor | None,
-    bounds: list[int] | None,
+    plan: AttentionPlan,
     scale: float | None,
 ) -> torch.Tensor:
     """Padded and/or packed attention through ``flash_attn_varlen_func``.
 
-    Every row (or, with ``bounds``, every segment of the single row) is one variable-length sequence;
-    with ``attention_mask`` its padding tokens are removed first. Causal masking within the remaining
-    tokens of a sequence equals the top-left causal mask over the padded row restricted to real keys
-    (what the SDPA path computes), whatever the padding layout. Padding queries get zeros.
+    Every row (or, packed, every segment of the single row) is one variable-length sequence; with
+    a padding mask its padding tokens are removed first. Causal masking within the remaining tokens
+    of a sequence equals the top-left causal mask over the padded row restricted to real keys (what
+    the SDPA path computes), whatever the padding layout. Padding queries get zeros. The layout
+    comes from the plan (built by its first call, reused by the others): no host copy here.
     """
     batch, q_heads, seq, dim = q.shape
-    if bounds is None:
-        bounds = list(range(0, batch * seq + 1, seq))  # one sequence per row of the flattened batch
+    layout = plan.varlen(batch, seq, q.device)
+    if layout.empty:
+        return torch.zeros_like(q)
     # (B, H, S, D) -> (B*S, H, D): the token-major layout flash-attn's varlen kernels take.
     qf, kf, vf = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v))
-    keep = None
-    if attention_mask is None:
-        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    else:
-        real = attention_mask.reshape(-1).to("cpu", torch.bool)
-        lengths = [int(real[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-        keep = real.nonzero().squeeze(1).to(q.device)
+    keep = layout.keep
+    if keep is not None:
         qf, kf, vf = qf.index_select(0, keep), kf.index_select(0, keep), vf.index_select(0, keep)
-    lengths = [n for n in lengths if n > 0]
-    if not lengths:
-        return torch.zeros_like(q)
-    cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(q.device)
-    longest = max(lengths)
+    cu, longest = layout.cu_seqlens, layout.max_len
     out = _flash_varlen_func()(
         qf, kf, vf, cu, cu, longest, longest,
         dropout_p=0.0, softmax_scale=scale, causal=causal,
@@ -231,6 +349,7 @@ def attention(
     attention_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention; returns a tensor shaped like ``q``.
 
@@ -244,27 +363,33 @@ def attention(
         cu_seqlens: int cumulative segment lengths ``[0, l0, l0 + l1, ..., seq]`` for a batch of one
             packed sequence; attention never crosses a segment boundary (and ``causal`` applies within
             each segment). Empty segments are allowed. It is read on the host: a CPU tensor avoids a
-            device sync per call. May be combined with ``attention_mask`` (padding inside segments).
+            device sync. May be combined with ``attention_mask`` (padding inside segments).
         scale: softmax scale; ``head_dim ** -0.5`` when ``None``.
+        plan: the forward's :class:`AttentionPlan` (:func:`attention_plan`) instead of
+            ``attention_mask`` / ``cu_seqlens``: what those imply is then derived once per forward,
+            not once per call.
     """
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if plan is None:
+        plan = AttentionPlan(attention_mask, cu_seqlens)
+    elif attention_mask is not None or cu_seqlens is not None:
+        raise ValueError("pass either plan or attention_mask / cu_seqlens, not both")
     if _context_parallel is not None:
         from openspeed.distributed.context_parallel import context_parallel_attention
 
         return context_parallel_attention(
-            q, k, v, cp=_context_parallel, causal=causal, attention_mask=attention_mask,
-            cu_seqlens=cu_seqlens, scale=scale,
+            q, k, v, cp=_context_parallel, causal=causal, attention_mask=plan.attention_mask,
+            cu_seqlens=plan.cu_seqlens, scale=scale, plan=plan,
         )
-    bounds = None if cu_seqlens is None else _segment_bounds(cu_seqlens, q.shape[0], q.shape[2])
     # Dense batches stay on SDPA, whose own fused kernels cover them, and so do queries shorter than
     # the keys (KV-cache decode steps), which the varlen call below does not lay out.
     flash_dtype = None
-    if (bounds is not None or attention_mask is not None) and q.shape[2] == k.shape[2]:
+    if (plan.packed or plan.attention_mask is not None) and q.shape[2] == k.shape[2]:
         flash_dtype = _flash_dtype(q)
     if flash_dtype is not None:
         q, k, v = (t.to(flash_dtype) for t in (q, k, v))
-        return _flash_varlen_attention(q, k, v, causal, attention_mask, bounds, scale)
-    if bounds is None:
-        return _dense_attention(q, k, v, causal, attention_mask, scale)
-    return _packed_sdpa(q, k, v, causal, attention_mask, bounds, scale)
+        return _flash_varlen_attention(q, k, v, causal, plan, scale)
+    if not plan.packed:
+        return _dense_attention(q, k, v, causal, plan.attention_mask, scale)
+    return _packed_sdpa(q, k, v, causal, plan, scale)

@@ -436,9 +436,10 @@ class Trainer:
             t0 = time.perf_counter()
             task.skipped.update(skips)
             work, flops = self.step_work(batches, step)
-            targets, tokens = comm.sum_counts(sum(task.count_targets(b) for b in batches),
-                                              sum(task.count_tokens(b) for b in batches), group=self.dp_group)
-            (flops,) = comm.sum_floats(flops, group=self.dp_group)
+            # One int64 collective for the step's counts and model FLOPs (integers, exact past 2^53).
+            targets, tokens, flops = comm.sum_counts(sum(task.count_targets(b) for b in batches),
+                                                     sum(task.count_tokens(b) for b in batches),
+                                                     round(flops), group=self.dp_group)
             last_loss, grad_norm, lr = self.train_step(work, step, int(targets))
             if self.adaptive is not None and self.adaptive.choice is None:
                 choice = self.adaptive.decide(model, optim, cfg.memory.budget_gb)

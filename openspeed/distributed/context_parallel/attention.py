@@ -8,9 +8,11 @@ segment ids and the padding mask, so they are exact in every layout (see ``group
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from openspeed.distributed.context_parallel.blocks import plan_block
+from openspeed.distributed.context_parallel.blocks import BlockPlan, plan_block
 from openspeed.distributed.context_parallel.group import ContextParallel
 from openspeed.distributed.context_parallel.ring import RingAttention
 from openspeed.distributed.context_parallel.ulysses import HeadsToSeq, SeqToHeads, head_plan
@@ -40,6 +42,7 @@ def context_parallel_attention(
     attention_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
+    plan: Any = None,
     _math: bool = False,
 ) -> torch.Tensor:
     """Attention of this rank's sequence shard against the whole (distributed) sequence.
@@ -58,6 +61,11 @@ def context_parallel_attention(
         cu_seqlens: GLOBAL packed-sample boundaries ``[0, l0, l0 + l1, ..., seq_global]`` (batch 1);
             attention never crosses a boundary (causal applies within each sample).
         scale: softmax scale; ``head_dim ** -0.5`` when ``None``.
+        plan: the forward's :class:`~openspeed.ops.attention.AttentionPlan` holding this
+            ``attention_mask`` / ``cu_seqlens``: what they imply here (the gathered key mask, the
+            segment ids, the head split and every ring step's block plan, with their host reads and
+            the mask's all-gather) is then worked out by the forward's first call and reused by the
+            later layers.
 
     Returns:
         The local shard of the output, shaped like ``q``.
@@ -81,19 +89,52 @@ def context_parallel_attention(
             f"attention_mask must be the local (batch, seq_local) = {(batch, local_len)}, "
             f"got {tuple(attention_mask.shape)}"
         )
+    if plan is not None and (plan.attention_mask is not attention_mask or plan.cu_seqlens is not cu_seqlens):
+        raise ValueError("plan must hold this call's attention_mask and cu_seqlens")
     scale = head_dim**-0.5 if scale is None else scale
-    device = q.device
 
+    # Everything below depends on the layout only, not on q/k/v: the same for every layer of a forward.
+    key = ("context_parallel", cp, causal, batch, local_len, num_q_heads, k.shape[1], q.device)
+    layout = None if plan is None else plan.cache.get(key)
+    if layout is None:
+        layout = _layout(cp, causal, batch, seq_len, num_q_heads, k.shape[1], attention_mask, cu_seqlens, q.device)
+        if plan is not None:
+            plan.cache[key] = layout
+    heads, kv_index, plans = layout
+
+    if heads is not None:
+        q, k, v = SeqToHeads.apply(q, k, v, heads, cp.ulysses_group)
+        if kv_index is not None:
+            k, v = k.index_select(1, kv_index), v.index_select(1, kv_index)
+
+    ring = cp.ring if cp.ring_size > 1 else None
+    out = RingAttention.apply(q, k, v, ring, plans, scale, _math)
+
+    if heads is not None:
+        out = HeadsToSeq.apply(out, heads, cp.ulysses_group)
+    return out
+
+
+def _layout(
+    cp: ContextParallel,
+    causal: bool,
+    batch: int,
+    seq_len: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    attention_mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[Any, torch.Tensor | None, list[BlockPlan | None]]:
+    """``(head plan or None, kv head index or None, block plan per ring step)`` of one layout."""
     segments = None if cu_seqlens is None else _segment_ids(cu_seqlens, seq_len, batch).to(device)
     key_valid = None if attention_mask is None else cp.gather_key_mask(attention_mask.to(device))
 
-    plan = None
+    heads, kv_index = None, None
     if cp.ulysses_size > 1:
-        plan = head_plan(num_q_heads, k.shape[1], cp.ulysses_size, cp.ulysses_rank)
-        q, k, v = SeqToHeads.apply(q, k, v, plan, cp.ulysses_group)
-        if plan.kv_index is not None:
-            index = plan.kv_index.to(device)
-            k, v = k.index_select(1, index), v.index_select(1, index)
+        heads = head_plan(num_q_heads, num_kv_heads, cp.ulysses_size, cp.ulysses_rank)
+        if heads.kv_index is not None:
+            kv_index = heads.kv_index.to(device)
 
     q_pos = cp.group_positions(cp.ring_rank, seq_len).to(device)
     plans = []
@@ -110,9 +151,4 @@ def context_parallel_attention(
                 None if key_valid is None else key_valid[:, k_pos],
             )
         )
-    ring = cp.ring if cp.ring_size > 1 else None
-    out = RingAttention.apply(q, k, v, ring, plans, scale, _math)
-
-    if plan is not None:
-        out = HeadsToSeq.apply(out, plan, cp.ulysses_group)
-    return out
+    return heads, kv_index, plans

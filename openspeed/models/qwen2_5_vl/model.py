@@ -23,7 +23,7 @@ from openspeed.models.layers.rope import (
 from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, VisionConfig
 from openspeed.models.qwen2_5_vl.kv_cache import KVCache, LayerKV
 from openspeed.models.qwen2_5_vl.rope_index import get_rope_index, mm_token_type_ids_from_input_ids
-from openspeed.ops.attention import attention
+from openspeed.ops.attention import AttentionPlan, attention, attention_plan
 from openspeed.ops.cross_entropy import can_fuse, fused_linear_cross_entropy
 from openspeed.ops.level import chunked_loss
 
@@ -123,16 +123,23 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        plan: AttentionPlan | None = None,
     ) -> torch.Tensor:
-        """``x``: (num_patches, hidden)."""
+        """``x``: (num_patches, hidden); ``plan``: the tower's plan for ``cu_seqlens`` (else one per call)."""
         n = x.shape[0]
         # -1, not num_heads: a tensor-parallel rank holds only its heads (its [q; k; v] rows).
         q, k, v = self.qkv(x).view(n, 3, -1, self.head_dim).unbind(1)
         q, k = apply_vision_rotary(q, k, cos, sin)
         # (N, heads, dim) -> (1, heads, N, dim): one packed "batch" split by cu_seqlens.
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = attention(q, k, v, causal=False, cu_seqlens=cu_seqlens, scale=self.head_dim**-0.5)
+        if plan is None:
+            plan = attention_plan(cu_seqlens=cu_seqlens)
+        out = attention(q, k, v, causal=False, scale=self.head_dim**-0.5, plan=plan)
         return self.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
 
 
@@ -147,10 +154,15 @@ class VisionBlock(nn.Module):
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        plan: AttentionPlan | None = None,
     ) -> torch.Tensor:
-        """``x``: (num_patches, hidden)."""
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        """``x``: (num_patches, hidden); ``cu_seqlens`` and ``plan`` as in :class:`VisionAttention`."""
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, plan=plan)
         return x + self.mlp(self.norm2(x))
 
 
@@ -211,9 +223,13 @@ class VisionTransformer(nn.Module):
         cos, sin = self.rotary_pos_emb(positions.to(pixel_values.device))
         cos, sin = to_window_order(cos), to_window_order(sin)
 
+        # One attention plan per segmentation (read on the host once, here CPU tensors: no sync), shared
+        # by every block that uses it.
+        frame_plan, window_plan = attention_plan(cu_seqlens=cu_frames), attention_plan(cu_seqlens=cu_windows)
         for i, block in enumerate(self.blocks):
-            cu_seqlens = cu_frames if i in cfg.fullatt_block_indexes else cu_windows
-            x = block(x, cos, sin, cu_seqlens)
+            full = i in cfg.fullatt_block_indexes
+            cu_seqlens, plan = (cu_frames, frame_plan) if full else (cu_windows, window_plan)
+            x = block(x, cos, sin, cu_seqlens, plan=plan)
 
         merged = self.merger(x)
         inverse = torch.empty_like(window_index)
@@ -247,12 +263,15 @@ class TextAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: LayerKV | None = None,
+        plan: AttentionPlan | None = None,
     ) -> torch.Tensor:
         """``x``: (batch, seq, hidden); ``cos``/``sin``: (batch, seq, head_dim).
 
         ``cu_seqlens``: segment bounds of a packed row (batch 1); attention stays inside each segment.
         ``kv_cache``: this layer's cache; the new keys/values are appended to it and the queries attend
         to every cached token. ``attention_mask`` then covers the cached and the new tokens.
+        ``plan``: the forward's attention plan of ``attention_mask`` / ``cu_seqlens`` (built by
+        :class:`Qwen2LanguageModel` once for all layers); without it the call builds its own.
         """
         b, s, _ = x.shape
         # Head counts from the projections (-1), so a tensor-parallel rank's head shard works too.
@@ -269,9 +288,9 @@ class TextAttention(nn.Module):
                 if s != 1:
                     raise ValueError(f"with a filled KV cache a forward takes one new token per row, got {s}")
                 causal = False
-        out = attention(
-            q, k, v, causal=causal, attention_mask=attention_mask, cu_seqlens=cu_seqlens, scale=self.head_dim**-0.5
-        )
+        if plan is None:
+            plan = attention_plan(attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        out = attention(q, k, v, causal=causal, scale=self.head_dim**-0.5, plan=plan)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -293,11 +312,13 @@ class DecoderLayer(nn.Module):
         attention_mask: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: LayerKV | None = None,
+        plan: AttentionPlan | None = None,
     ) -> torch.Tensor:
-        """``x``: (batch, seq, hidden); ``cu_seqlens`` and ``kv_cache`` as in :class:`TextAttention`."""
-        # cu_seqlens / kv_cache go by keyword: tensor-parallel input hooks lay out the positional args only.
+        """``x``: (batch, seq, hidden); ``cu_seqlens``, ``kv_cache`` and ``plan`` as in :class:`TextAttention`."""
+        # cu_seqlens / kv_cache / plan go by keyword: tensor-parallel input hooks lay out the positional
+        # args only.
         h = self.input_layernorm(x)
-        x = x + self.self_attn(h, cos, sin, attention_mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache)
+        x = x + self.self_attn(h, cos, sin, attention_mask, cu_seqlens=cu_seqlens, kv_cache=kv_cache, plan=plan)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -326,10 +347,13 @@ class Qwen2LanguageModel(nn.Module):
         ``kv_cache``: keys/values of earlier tokens, extended by this call (see :class:`KVCache`).
         """
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        # One plan for every layer: the layout's metadata is derived once per forward. Built here, after
+        # a context-parallel split of the inputs, so it holds what the layers see.
+        plan = attention_plan(attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             cache = None if kv_cache is None else kv_cache.layer(i)
-            x = layer(x, cos, sin, attention_mask, cu_seqlens=cu_seqlens, kv_cache=cache)
+            x = layer(x, cos, sin, attention_mask, cu_seqlens=cu_seqlens, kv_cache=cache, plan=plan)
         return self.norm(x)
 
 
@@ -687,7 +711,9 @@ class Qwen2_5_VLModel(nn.Module):
                 )
             elif position_ids.dim() == 2:
                 position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-            text_mask = _attention_mask_needed(attention_mask, None)
+            # The mask as given, not checked for padding: that would read it on the host every step, and
+            # a single query per row gains nothing from a mask-free kernel.
+            text_mask = attention_mask
         else:
             embeds, position_ids, text_mask = self.embed_inputs(
                 input_ids,

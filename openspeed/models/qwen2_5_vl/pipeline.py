@@ -62,6 +62,7 @@ from openspeed.models.qwen2_5_vl.model import (
     causal_lm_loss,
     mrope_position_ids,
 )
+from openspeed.ops.attention import attention_plan
 
 LAYERS_KEY = "parallel.pipeline_num_layers"
 
@@ -267,8 +268,9 @@ class Qwen2_5_VLStage(nn.Module):
             cos, sin = text.rotary_emb(position_ids.transpose(0, 1), hidden.dtype)
             # As in the full model: an all-ones mask is dropped so SDPA may use its causal kernels.
             mask = None if bool(attention_mask.all()) else attention_mask
+            plan = attention_plan(attention_mask=mask)  # one for the stage's layers
             for layer in text.layers:
-                hidden = layer(hidden, cos, sin, mask)
+                hidden = layer(hidden, cos, sin, mask, plan=plan)
         if self.is_last:
             return self.lm_head(text.norm(hidden))
         return hidden, position_ids, attention_mask
