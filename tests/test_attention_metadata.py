@@ -22,6 +22,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from _attention_cases import sequences
 from _qwen_tiny import IMAGE_BATCH, TEXT_BATCH, make_batch, native_config
 
 import openspeed.models.qwen2_5_vl.model as qwen_model
@@ -50,24 +51,10 @@ def _qkv(batch: int, seq: int, heads: tuple[int, int], seed: int) -> list[torch.
     return [torch.randn(batch, h, seq, DIM, generator=gen) for h in (heads[0], heads[1], heads[1])]
 
 
-def _sequences(batch: int, seq: int, mask, cu_seqlens) -> list[tuple[int, torch.Tensor]]:
-    """``(row, real token indices)`` of every sequence of the layout."""
-    bounds = [0, seq] if cu_seqlens is None else cu_seqlens.tolist()
-    out = []
-    for row in range(batch):
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            idx = torch.arange(a, b)
-            if mask is not None:
-                idx = idx[mask[row, a:b].bool()]
-            if idx.numel():
-                out.append((row, idx))
-    return out
-
-
 def _assert_matches_reference(out, q, k, v, causal, batch, seq, mask, cu_seqlens) -> None:
     """Every real query's output equals float64 attention over its own sequence's real tokens."""
     groups = q.shape[1] // k.shape[1]
-    for row, idx in _sequences(batch, seq, mask, cu_seqlens):
+    for row, idx in sequences(batch, seq, mask, cu_seqlens):
         qs, ks, vs = (t[row : row + 1, :, idx].double() for t in (q, k, v))
         ref = F.scaled_dot_product_attention(
             qs, ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1), is_causal=causal

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _attention_cases import sequences
 
 pytestmark = pytest.mark.gpu
 
@@ -45,17 +46,11 @@ def _layout(kind: str):
 def _reference(q, k, v, causal, batch, seq, mask, cu_seqlens):
     """float64 on the host, sequence by sequence: ``[(row, token indices, output)]``."""
     groups = q.shape[1] // k.shape[1]
-    bounds = [0, seq] if cu_seqlens is None else cu_seqlens.tolist()
     out = []
-    for row in range(batch):
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            idx = torch.arange(a, b)
-            if mask is not None:
-                idx = idx[mask[row, a:b].bool()]
-            if idx.numel():
-                qs, ks, vs = (t[row : row + 1, :, idx].cpu().double() for t in (q, k, v))
-                ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
-                out.append((row, idx, F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)))
+    for row, idx in sequences(batch, seq, mask, cu_seqlens):
+        qs, ks, vs = (t[row : row + 1, :, idx].cpu().double() for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 1), vs.repeat_interleave(groups, 1)
+        out.append((row, idx, F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)))
     return out
 
 
