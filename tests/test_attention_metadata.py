@@ -280,8 +280,11 @@ def test_model_forward_builds_its_plans_once(monkeypatch, request, batch_name, f
                                              attention_mask=plan.attention_mask, cu_seqlens=plan.cu_seqlens)
 
             patch.setattr(qwen_model, "attention", per_call)
+            # Same kernels on the same shapes, but two separate forwards: oneDNN may pick another code
+            # path for differently aligned buffers, so equal to rounding, not bit for bit (a wrong mask
+            # or segment moves these logits by ~1e-1).
             with torch.no_grad():
-                assert torch.equal(model(**batch).logits, logits[depth])
+                torch.testing.assert_close(model(**batch).logits, logits[depth], rtol=1e-5, atol=1e-6)
     assert reads[2] == reads[4]
 
 
