@@ -12,7 +12,7 @@ import base64
 import csv
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,7 @@ def write_tiny_model_dir(
     vocab_multiple: int = 64,
     text_config_overrides: dict[str, Any] | None = None,
     vision_config_overrides: dict[str, Any] | None = None,
+    config_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Path:
     """Write a weightless Hugging Face-format Qwen2.5-VL model directory.
 
@@ -220,7 +221,9 @@ def write_tiny_model_dir(
     trained on ``tokenizer_words`` plus chat roles, with the Qwen-VL chat template) and
     ``preprocessor_config.json`` for the Qwen2-VL image processor. The text vocabulary is the
     tokenizer size rounded up to ``vocab_multiple``. ``*_overrides`` are merged into the nested
-    configs last, for keys without a dedicated argument. Returns the directory.
+    configs last, for keys without a dedicated argument. ``config_transform`` turns that Qwen2.5-VL
+    ``config.json`` into another family's (a family's ``shapes_config``, e.g. Qwen2-VL's) before it
+    is written. Returns the directory.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -300,6 +303,8 @@ def write_tiny_model_dir(
         "tie_word_embeddings": tie_word_embeddings,
         "dtype": "float32",
     }
+    if config_transform is not None:
+        config = config_transform(config)
     _write_json(out / "config.json", config)
     _write_json(
         out / "generation_config.json",
@@ -493,13 +498,14 @@ def make_shapes_dataset(
     grid_size: int = 2,
     max_shapes: int = 3,
     train_turns: int = 1,
+    config_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Generate the synthetic shapes VQA set: ``num`` images with one question each.
 
     Writes ``images/NNNNNN.png``, ``train.jsonl`` and ``val.jsonl`` (the last
     ``round(num * val_fraction)`` images), ``eval.tsv`` (the validation questions as multiple
     choice, see :func:`write_shapes_tsv`) and ``model/`` via :func:`write_tiny_model_dir`
-    (``model_kwargs`` are passed through). Each image holds 1..``max_shapes`` shapes of distinct
+    (``model_kwargs`` and ``config_transform`` are passed through). Each image holds 1..``max_shapes`` shapes of distinct
     kinds (so "the triangle" is unambiguous) on distinct cells of a ``grid_size`` grid. Records
     carry ``messages``, ``images``, ``qtype``, ``answer``, ``id`` and the ``scene``.
     With ``train_turns > 1`` each training record asks up to that many questions (of different
@@ -570,7 +576,8 @@ def make_shapes_dataset(
                                 max_shapes=max_shapes, seed=seed)
 
     model_dir = write_tiny_model_dir(
-        out / "model", shapes_vocabulary(grid_size, max_shapes), **(model_kwargs or {})
+        out / "model", shapes_vocabulary(grid_size, max_shapes), config_transform=config_transform,
+        **(model_kwargs or {})
     )
     return {
         "root": out,

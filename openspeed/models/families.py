@@ -77,6 +77,10 @@ class Family:
         commands: top-level verbs (``openspeed generate``).
         data_commands: ``openspeed data`` sub-commands.
         check: ``(run_config) -> None``; combinations the family refuses, checked once it is bound.
+        shapes_config: ``(config.json dict) -> config.json dict``: this family's tiny model for the
+            synthetic shapes VQA set, from the Qwen2.5-VL-layout one the set's writer builds around
+            its tokenizer (``openspeed data shapes --family NAME``); ``None``: the family cannot
+            train on that set.
     """
 
     name: str
@@ -91,6 +95,7 @@ class Family:
     commands: tuple[Command, ...] = ()
     data_commands: tuple[Command, ...] = ()
     check: Callable[[Any], None] | None = None
+    shapes_config: Callable[[dict], dict] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

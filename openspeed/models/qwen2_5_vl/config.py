@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from openspeed.errors import ConfigError
 
@@ -34,6 +34,9 @@ class VisionConfig:
     hidden_act: str = "silu"
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+
+    # gate, up, down: three weight matrices per block MLP (SwiGLU).
+    mlp_matrices: ClassVar[int] = 3
 
     def __post_init__(self) -> None:
         self.fullatt_block_indexes = tuple(int(i) for i in self.fullatt_block_indexes)
@@ -108,7 +111,11 @@ class TextConfig:
 
 @dataclass
 class Qwen2_5_VLConfig:
-    """Full Qwen2.5-VL configuration: vision tower, text decoder and the special token ids."""
+    """Full Qwen2.5-VL configuration: vision tower, text decoder and the special token ids.
+
+    Qwen2-VL (``openspeed.models.qwen2_vl``) subclasses it with its own vision section: the text
+    decoder, the token ids and the ``config.json`` layout around them are the same.
+    """
 
     # Hugging Face's stand-alone defaults disagree (vision out 3584, text hidden 8192); the bare
     # default here is made consistent so that ``Qwen2_5_VLConfig()`` builds a working model.
@@ -120,12 +127,32 @@ class Qwen2_5_VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
 
+    MODEL_TYPE: ClassVar[str] = MODEL_TYPE
+    HF_ARCHITECTURE: ClassVar[str] = HF_ARCHITECTURE
+
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size != self.text.hidden_size:
             raise ConfigError(
                 f"vision out_hidden_size {self.vision.out_hidden_size} must equal the text hidden_size "
                 f"{self.text.hidden_size}"
             )
+
+    @classmethod
+    def vision_from_hf(cls, vision: dict[str, Any]) -> VisionConfig:
+        """The vision section from ``config.json``'s ``vision_config``."""
+        kwargs = _pick(vision, VisionConfig, skip=("rope_theta", "in_channels", "patch_size"))
+        kwargs["in_channels"] = vision.get("in_channels", vision.get("in_chans", VisionConfig.in_channels))
+        kwargs["patch_size"] = vision.get("patch_size", vision.get("spatial_patch_size", VisionConfig.patch_size))
+        kwargs["rope_theta"] = _vision_rope_theta(vision)
+        return VisionConfig(**kwargs)
+
+    def vision_to_hf(self) -> dict[str, Any]:
+        """``config.json``'s ``vision_config`` (without ``model_type``)."""
+        vision = dataclasses.asdict(self.vision)
+        vision.pop("rope_theta")
+        vision["fullatt_block_indexes"] = list(self.vision.fullatt_block_indexes)
+        vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision.rope_theta}
+        return vision
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> Qwen2_5_VLConfig:
@@ -135,6 +162,7 @@ class Qwen2_5_VLConfig:
         older flat layout of hub checkpoints (text keys at top level, ``rope_scaling`` of type
         ``mrope`` and a top-level ``rope_theta``). Unknown keys are ignored.
         """
+        name = cls.MODEL_TYPE
         if not isinstance(d, dict):
             raise ConfigError(f"model config must be a mapping, got {type(d).__name__}")
         text = d.get("text_config")
@@ -145,7 +173,7 @@ class Qwen2_5_VLConfig:
             raise ConfigError("vision_config must be a mapping")
 
         if text.get("use_sliding_window", False):
-            raise ConfigError("use_sliding_window=true is not supported for qwen2_5_vl")
+            raise ConfigError(f"use_sliding_window=true is not supported for {name}")
 
         rope = (
             text.get("rope_parameters")
@@ -156,9 +184,7 @@ class Qwen2_5_VLConfig:
         )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
-            raise ConfigError(
-                f"rope type '{rope_type}' is not supported for qwen2_5_vl (known: default, mrope)"
-            )
+            raise ConfigError(f"rope type '{rope_type}' is not supported for {name} (known: default, mrope)")
         rope_theta = rope.get(
             "rope_theta", text.get("rope_theta", d.get("rope_theta", TextConfig.rope_theta))
         )
@@ -174,50 +200,34 @@ class Qwen2_5_VLConfig:
         kv_heads = text.get("num_key_value_heads")
         text_kwargs["num_key_value_heads"] = num_heads if kv_heads is None else kv_heads
 
-        vision_kwargs = _pick(vision, VisionConfig, skip=("rope_theta", "in_channels", "patch_size"))
-        vision_kwargs["in_channels"] = vision.get(
-            "in_channels", vision.get("in_chans", VisionConfig.in_channels)
-        )
-        vision_kwargs["patch_size"] = vision.get(
-            "patch_size", vision.get("spatial_patch_size", VisionConfig.patch_size)
-        )
-        vision_rope = vision.get("rope_parameters") or {}
-        vision_kwargs["rope_theta"] = float(
-            vision_rope.get("rope_theta", vision.get("rope_theta", VisionConfig.rope_theta))
-        )
-
         top_kwargs = _pick(d, cls, skip=("vision", "text", "tie_word_embeddings"))
         # transformers < 5 could store the tying flag inside text_config; either place turns it on.
         tie = bool(d.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
         try:
             return cls(
-                vision=VisionConfig(**vision_kwargs),
+                vision=cls.vision_from_hf(vision),
                 text=TextConfig(**text_kwargs),
                 tie_word_embeddings=tie,
                 **top_kwargs,
             )
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"invalid qwen2_5_vl config: {exc}") from None
+            raise ConfigError(f"invalid {name} config: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """Return a transformers-5 style ``config.json`` dict that ``transformers.Qwen2_5_VLConfig`` accepts."""
+        """Return a transformers-5 style ``config.json`` dict that the transformers config class accepts."""
         text = dataclasses.asdict(self.text)
         text.pop("rope_theta")
         text.pop("mrope_section")
-        text["model_type"] = "qwen2_5_vl_text"
+        text["model_type"] = f"{self.MODEL_TYPE}_text"
         text["rope_parameters"] = {
             "rope_type": "default",
             "rope_theta": self.text.rope_theta,
             "mrope_section": list(self.text.mrope_section),
         }
-        vision = dataclasses.asdict(self.vision)
-        vision.pop("rope_theta")
-        vision["fullatt_block_indexes"] = list(self.vision.fullatt_block_indexes)
-        vision["model_type"] = "qwen2_5_vl_vision"
-        vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision.rope_theta}
+        vision = {**self.vision_to_hf(), "model_type": f"{self.MODEL_TYPE}_vision"}
         return {
-            "architectures": [HF_ARCHITECTURE],
-            "model_type": MODEL_TYPE,
+            "architectures": [self.HF_ARCHITECTURE],
+            "model_type": self.MODEL_TYPE,
             "image_token_id": self.image_token_id,
             "video_token_id": self.video_token_id,
             "vision_start_token_id": self.vision_start_token_id,
@@ -226,6 +236,11 @@ class Qwen2_5_VLConfig:
             "text_config": text,
             "vision_config": vision,
         }
+
+
+def _vision_rope_theta(vision: dict[str, Any]) -> float:
+    rope = vision.get("rope_parameters") or {}
+    return float(rope.get("rope_theta", vision.get("rope_theta", VisionConfig.rope_theta)))
 
 
 def _pick(source: dict[str, Any], cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:

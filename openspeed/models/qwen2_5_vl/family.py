@@ -20,4 +20,5 @@ register_family(Family(
     lora_targets=LORA_TARGETS,
     generators=(Generator("shapes", commands.prepare_shapes, keys=commands.SHAPES_KEYS),),
     data_commands=(commands.SHAPES,),
+    shapes_config=commands.shapes_config,
 ))

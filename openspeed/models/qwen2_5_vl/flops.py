@@ -1,4 +1,4 @@
-"""Analytic training FLOPs of Qwen2.5-VL (matmuls only; norms, activations, softmax are ignored).
+"""Analytic training FLOPs of Qwen2.5-VL and Qwen2-VL (matmuls only; norms, activations, softmax are ignored).
 
 Every matmul of an ``(m, k) x (k, n)`` shape costs ``2*m*k*n`` FLOPs forward and twice that backward,
 hence the factor ``3 * 2 = 6`` per weight per token for parameter matmuls.
@@ -39,7 +39,7 @@ def text_matmul_params(config: Qwen2_5_VLConfig) -> int:
 def vision_matmul_params(config: Qwen2_5_VLConfig) -> int:
     """Weights that multiply every vision patch: the patch embedding and all vision blocks."""
     v = config.vision
-    per_block = 4 * v.hidden_size * v.hidden_size + 3 * v.hidden_size * v.intermediate_size
+    per_block = 4 * v.hidden_size * v.hidden_size + v.mlp_matrices * v.hidden_size * v.intermediate_size
     return v.patch_dim * v.hidden_size + v.depth * per_block
 
 
@@ -86,11 +86,11 @@ def flops_breakdown(
 
     vision_attention = 0
     if num_patches:
-        _, cu_windows = vision_window_index(grids, v.spatial_merge_size, v.window_size, v.patch_size)
-        full_pairs = _sum_squares(vision_frame_cu_seqlens(grids))
-        window_pairs = _sum_squares(cu_windows)
         n_full = len(v.fullatt_block_indexes)
-        pairs = n_full * full_pairs + (v.depth - n_full) * window_pairs
+        pairs = n_full * _sum_squares(vision_frame_cu_seqlens(grids))
+        if n_full < v.depth:  # the other blocks attend inside windows (Qwen2.5-VL)
+            _, cu_windows = vision_window_index(grids, v.spatial_merge_size, v.window_size, v.patch_size)
+            pairs += (v.depth - n_full) * _sum_squares(cu_windows)
         vision_attention = 4 * pairs * v.num_heads * v.head_dim
 
     forward = {

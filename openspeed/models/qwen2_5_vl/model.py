@@ -539,12 +539,18 @@ def causal_lm_loss(
 
 
 class Qwen2_5_VLModel(nn.Module):
-    """Qwen2.5-VL for conditional generation: ``visual`` -> ``language_model`` -> ``lm_head``."""
+    """Qwen2.5-VL for conditional generation: ``visual`` -> ``language_model`` -> ``lm_head``.
+
+    ``vision_tower`` is the class built from ``config.vision``: Qwen2-VL's model is this one with
+    its own tower.
+    """
+
+    vision_tower: type[nn.Module] = VisionTransformer
 
     def __init__(self, config: Qwen2_5_VLConfig) -> None:
         super().__init__()
         self.config = config
-        self.visual = VisionTransformer(config.vision)
+        self.visual = self.vision_tower(config.vision)
         self.language_model = Qwen2LanguageModel(config.text)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.tie_weights()

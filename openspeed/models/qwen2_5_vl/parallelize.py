@@ -1,4 +1,4 @@
-"""Qwen2.5-VL parallel plan, applied from outside the model (the model file has no distributed code).
+"""Qwen2.5-VL (and Qwen2-VL) parallel plan, applied from outside the model (the model file has no distributed code).
 
 Order (fixed, as torchtitan documents it): tensor parallel -> context parallel -> recomputation ->
 FSDP2. Tensor (+ sequence) parallelism, context parallelism and FSDP2 / HSDP over the data-parallel
@@ -74,7 +74,10 @@ def _vision_plan(model: nn.Module) -> dict[str, ParallelStyle]:
         # qkv rows are [q; k; v] (HF layout): each rank takes its heads of all three.
         plan[f"{block}.attn.qkv"] = FusedColwiseParallel(3)
         plan[f"{block}.attn.proj"] = RowwiseParallel()
-        for name, style in mlp_plan("gate_proj", "up_proj", "down_proj", sequence_parallel=False).items():
+        # SwiGLU (Qwen2.5-VL) or fc1 -> activation -> fc2 (Qwen2-VL).
+        gated = hasattr(model.visual.blocks[i].mlp, "gate_proj")
+        names = ("gate_proj", "up_proj", "down_proj") if gated else (None, "fc1", "fc2")
+        for name, style in mlp_plan(*names, sequence_parallel=False).items():
             plan[f"{block}.mlp.{name}"] = style
     # The merger: Linear -> GELU -> Linear, split column then row.
     plan["visual.merger.ln_q"] = ReplicateParallel()

@@ -1,7 +1,8 @@
-"""3-D (temporal, height, width) M-RoPE position ids for Qwen2.5-VL sequences.
+"""3-D (temporal, height, width) M-RoPE position ids for Qwen2.5-VL and Qwen2-VL sequences.
 
 Standalone so data collators and context-parallel sharding can compute positions before the model
-runs. The result equals Hugging Face's ``Qwen2_5_VLModel.get_rope_index`` (transformers 5.x).
+runs. The result equals Hugging Face's ``Qwen2_5_VLModel.get_rope_index`` (transformers 5.x), and with
+``tokens_per_second=None`` ``Qwen2VLModel.get_rope_index``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def get_rope_index(
     second_per_grid_ts: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     spatial_merge_size: int,
-    tokens_per_second: float,
+    tokens_per_second: float | None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compute M-RoPE position ids.
@@ -63,7 +64,8 @@ def get_rope_index(
         second_per_grid_ts: (n_videos,) seconds per temporal grid step; 1 when ``None``.
         attention_mask: (batch, seq) 1 real / 0 padding, or ``None``.
         spatial_merge_size: merge factor of the vision tower.
-        tokens_per_second: temporal positions per second of video.
+        tokens_per_second: temporal positions per second of video; ``None`` (Qwen2-VL): a video's
+            temporal index counts its frame groups and ``second_per_grid_ts`` is not read.
         cu_seqlens: int ``[0, l0, l0 + l1, ..., seq]`` segment bounds of a packed row (batch 1), or
             ``None``.
 
@@ -119,7 +121,7 @@ def get_rope_index(
                 grid_t, grid_h, grid_w = grids[modality][consumed[modality]]
                 grid_h //= spatial_merge_size
                 grid_w //= spatial_merge_size
-                if modality == VIDEO:
+                if modality == VIDEO and tokens_per_second is not None:
                     step = 1 if seconds is None else seconds[consumed[modality]]
                     time_interval = tokens_per_second * step
                 else:
