@@ -79,3 +79,24 @@ def assert_curves_close(curve: dict[int, tuple[float, float]], reference: dict[i
         assert math.isfinite(ref_loss) and math.isfinite(ref_norm) and ref_norm > 0
         assert abs(loss - ref_loss) <= rel * abs(ref_loss), ("loss", step, loss, ref_loss)
         assert abs(norm - ref_norm) <= rel * ref_norm, ("grad_norm", step, norm, ref_norm)
+
+
+def write_base_model(shapes_dir: str, out: str) -> str:
+    """The shapes set's tiny model directory plus seeded weights (an HF-format base for peft)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from openspeed.config import RunConfig
+    from openspeed.models.init import init_weights
+    from openspeed.training.model_setup import model_config_from_run
+
+    shutil.copytree(os.path.join(shapes_dir, "model"), out)
+    cfg = RunConfig()
+    cfg.model.path = out
+    spec, config = model_config_from_run(cfg)
+    model = spec.build(config)
+    init_weights(model, seed=3, std=0.1)
+    weights = {k: v.contiguous() for k, v in spec.native_to_hf(model.state_dict(), config).items()}
+    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import torch
-from _train_utils import assert_curves_close, make_tiny_run_config, run_train, train_curve
+from _train_utils import assert_curves_close, make_tiny_run_config, run_train, train_curve, write_base_model
 
 from openspeed.cli import main
 from openspeed.config import RunConfig, dump_yaml
@@ -21,28 +20,12 @@ from openspeed.data.collator import VLCollator
 from openspeed.data.conversation import ConversationDataset
 from openspeed.data.processor import VLProcessor
 from openspeed.lora import LoRALinear, lora_modules, merge_lora
-from openspeed.models.init import init_weights
 from openspeed.models.loading import load_hf_state_dict
 from openspeed.training.model_setup import model_config_from_run
 from openspeed.training.run_loading import load_lora_run
 
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
-
-
-def _write_base_model(shapes_dir: str, out: str) -> str:
-    """The shapes set's tiny model directory plus seeded weights (an HF-format base for peft)."""
-    from safetensors.torch import save_file
-
-    shutil.copytree(os.path.join(shapes_dir, "model"), out)
-    cfg = RunConfig()
-    cfg.model.path = out
-    spec, config = model_config_from_run(cfg)
-    model = spec.build(config)
-    init_weights(model, seed=3, std=0.1)
-    weights = {k: v.contiguous() for k, v in spec.native_to_hf(model.state_dict(), config).items()}
-    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    return out
 
 
 def _lora_config(tmp: str, shapes_dir: str, base: str, **sections) -> str:
@@ -64,7 +47,7 @@ def _lora_config(tmp: str, shapes_dir: str, base: str, **sections) -> str:
 def lora_run(shapes_dir, tmp_path_factory):
     """(run_dir, base model dir, losses) of the one-process reference LoRA run."""
     tmp = str(tmp_path_factory.mktemp("lora_ref"))
-    base = _write_base_model(shapes_dir, os.path.join(tmp, "base"))
+    base = write_base_model(shapes_dir, os.path.join(tmp, "base"))
     result = run_train(_lora_config(tmp, shapes_dir, base))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LoRA rank 4 on 38 layers" in result.stderr
