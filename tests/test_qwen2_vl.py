@@ -4,8 +4,8 @@ In process: tiny random references saved sharded against ``openspeed.from_pretra
 loss, gradients, M-RoPE positions, config), the FLOPs formula against torch's counter, greedy
 decoding against Hugging Face's ``generate``, the processor's grid against the token expansion, and
 freezing. Through the CLI, on the shapes set written by ``openspeed data shapes --family qwen2_vl``
-and laid out as mixed text / image / video batches: one process against dp_shard=2 and tp=2 with
-sequence parallelism (5 fp32 steps), ``convert --to hf`` read back by transformers, a LoRA run whose
+and laid out as mixed text / image / video batches: one process against dp_shard=2, tp=2 with
+sequence parallelism and pp=2 (5 fp32 steps), ``convert --to hf`` read back by transformers, a LoRA run whose
 ``convert --to peft`` adapter peft loads over the reference, ``eval`` and ``chat``.
 """
 
@@ -287,8 +287,14 @@ def mixed_run(shapes, tmp_path_factory):
     return config, run_dir, train_curve(run_dir)
 
 
-@pytest.mark.parametrize("layout", ["parallel.dp_shard=2", "parallel.tp=2 parallel.sequence_parallel=true"],
-                         ids=["dp_shard2", "tp2_sp"])
+LAYOUTS = {
+    "dp_shard2": "parallel.dp_shard=2",
+    "tp2_sp": "parallel.tp=2 parallel.sequence_parallel=true",
+    "pp2": "parallel.pp=2",
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
 def test_layouts_match_one_process(layout, mixed_run, tmp_path):
     config, _, reference = mixed_run
     run_dir = str(tmp_path / "run")
