@@ -66,6 +66,11 @@ def random_hf_model(tie_word_embeddings: bool = False, seed: int = 0):
     model = Qwen2_5_VLForConditionalGeneration._from_config(
         hf_config(tie_word_embeddings), attn_implementation="sdpa", dtype=torch.float32
     )
+    return perturb(model)
+
+
+def perturb(model):
+    """Re-draw a reference model's weights so no norm scale is 1 and no bias 0 (in place; eval mode)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1 and ("norm" in name or "ln_q" in name):

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 from _mixed import write_mixed_set
-from _qwen_tiny import IMAGE_BATCH, IMAGE_ID, PAD_ID, TEXT_BATCH, VIDEO_BATCH, VIDEO_ID, make_batch
+from _qwen_tiny import IMAGE_BATCH, IMAGE_ID, PAD_ID, TEXT_BATCH, VIDEO_BATCH, VIDEO_ID, make_batch, perturb
 from _runs import plain_process  # noqa: F401  (autouse: in-process CLI calls print their errors here)
 from _train_utils import assert_curves_close, make_tiny_run_config, run_train, train_curve, write_base_model
 
@@ -55,16 +55,9 @@ def random_hf_model(seed: int = 0, tie_word_embeddings: bool = False):
     from transformers import Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration._from_config(
+    return perturb(Qwen2VLForConditionalGeneration._from_config(
         hf_config(tie_word_embeddings), attn_implementation="sdpa", dtype=torch.float32
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1 and ("norm" in name or "ln_q" in name):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.normal_(0.0, 0.08)
-    return model.eval()
+    ))
 
 
 def _inputs(name: str, seed: int = 1) -> dict:

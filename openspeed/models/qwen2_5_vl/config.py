@@ -12,8 +12,37 @@ MODEL_TYPE = "qwen2_5_vl"
 HF_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
 
 
+class VisionGeometry:
+    """What a Qwen vision tower derives from its width, heads and patching (the vision configs of
+    the Qwen-VL families inherit it)."""
+
+    hidden_size: int
+    num_heads: int
+    in_channels: int
+    temporal_patch_size: int
+    patch_size: int
+
+    def check_heads(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.head_dim % 4:
+            raise ConfigError(f"vision head dim {self.head_dim} must be a multiple of 4 for 2-D rotary")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened input patch row of ``pixel_values``."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
 @dataclass
-class VisionConfig:
+class VisionConfig(VisionGeometry):
     """The vision tower (ViT with window attention) and its patch merger.
 
     Defaults are the ones Hugging Face uses when a key is absent from ``vision_config``.
@@ -40,12 +69,7 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         self.fullatt_block_indexes = tuple(int(i) for i in self.fullatt_block_indexes)
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if self.head_dim % 4:
-            raise ConfigError(f"vision head dim {self.head_dim} must be a multiple of 4 for 2-D rotary")
+        self.check_heads()
         if self.window_size // self.spatial_merge_size // self.patch_size < 1:
             raise ConfigError(
                 f"vision window_size {self.window_size} is smaller than one merged patch "
@@ -54,16 +78,6 @@ class VisionConfig:
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ConfigError(f"vision fullatt_block_indexes {bad} are outside 0..{self.depth - 1}")
-
-    @property
-    def head_dim(self) -> int:
-        """Channels per attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened input patch row of ``pixel_values``."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
 
 @dataclass

@@ -143,15 +143,27 @@ class VisionAttention(nn.Module):
         return self.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
 
 
+def vision_swiglu(cfg: VisionConfig) -> nn.Module:
+    """The vision blocks' MLP: SwiGLU with biases."""
+    return SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
+
+
 class VisionBlock(nn.Module):
-    """Pre-norm transformer block of the vision tower."""
+    """Pre-norm transformer block of the vision tower.
+
+    ``norm_layer`` (``(dim, eps=)``) and ``mlp_layer`` (``(cfg)``) build its norms and MLP: Qwen2-VL's block
+    swaps them for LayerNorm and a two-layer MLP.
+    """
+
+    norm_layer = RMSNorm
+    mlp_layer = staticmethod(vision_swiglu)
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
+        self.norm1 = self.norm_layer(cfg.hidden_size, eps=VISION_NORM_EPS)
         self.attn = VisionAttention(cfg)
-        self.norm2 = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=True, act=cfg.hidden_act)
+        self.norm2 = self.norm_layer(cfg.hidden_size, eps=VISION_NORM_EPS)
+        self.mlp = self.mlp_layer(cfg)
 
     def forward(
         self,
@@ -167,12 +179,15 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Concatenate each ``merge x merge`` block of patches and project to the text width."""
+    """Normalise, concatenate each ``merge x merge`` block of patches and project to the text width
+    (``norm_layer``: RMSNorm here, LayerNorm in Qwen2-VL's merger)."""
+
+    norm_layer = RMSNorm
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.merged_dim = cfg.hidden_size * cfg.spatial_merge_size**2
-        self.ln_q = RMSNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
+        self.ln_q = self.norm_layer(cfg.hidden_size, eps=VISION_NORM_EPS)
         self.mlp = nn.Sequential(
             nn.Linear(self.merged_dim, self.merged_dim),
             nn.GELU(),
@@ -185,15 +200,21 @@ class PatchMerger(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Qwen2.5-VL vision tower: window attention, with full attention in ``fullatt_block_indexes``."""
+    """Qwen2.5-VL vision tower: window attention, with full attention in ``fullatt_block_indexes``.
+
+    ``block`` and ``merger_cls`` are the classes it is built of (Qwen2-VL's tower swaps them).
+    """
+
+    block: type[nn.Module] = VisionBlock
+    merger_cls: type[nn.Module] = PatchMerger
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
         self.rotary_pos_emb = VisionRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
-        self.merger = PatchMerger(cfg)
+        self.blocks = nn.ModuleList(self.block(cfg) for _ in range(cfg.depth))
+        self.merger = self.merger_cls(cfg)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Encode packed patches of all images/videos in ``grid_thw`` order.

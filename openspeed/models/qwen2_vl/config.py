@@ -10,14 +10,19 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from openspeed.errors import ConfigError
-from openspeed.models.qwen2_5_vl.config import Qwen2_5_VLConfig, TextConfig, _vision_rope_theta
+from openspeed.models.qwen2_5_vl.config import (
+    Qwen2_5_VLConfig,
+    TextConfig,
+    VisionGeometry,
+    _vision_rope_theta,
+)
 
 MODEL_TYPE = "qwen2_vl"
 HF_ARCHITECTURE = "Qwen2VLForConditionalGeneration"
 
 
 @dataclass
-class Qwen2VLVisionConfig:
+class Qwen2VLVisionConfig(VisionGeometry):
     """The vision tower (a ViT with full attention over each frame) and its patch merger.
 
     Native names follow Qwen2.5-VL's vision section, so the shared code reads both: ``hidden_size``
@@ -46,22 +51,7 @@ class Qwen2VLVisionConfig:
     mlp_matrices: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"vision embed_dim {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if self.head_dim % 4:
-            raise ConfigError(f"vision head dim {self.head_dim} must be a multiple of 4 for 2-D rotary")
-
-    @property
-    def head_dim(self) -> int:
-        """Channels per attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened input patch row of ``pixel_values``."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+        self.check_heads()
 
     @property
     def fullatt_block_indexes(self) -> tuple[int, ...]:

@@ -14,18 +14,16 @@ import torch
 from torch import nn
 
 from openspeed.models.layers.mlp import get_activation
-from openspeed.models.layers.rope import VisionRotaryEmbedding
 from openspeed.models.qwen2_5_vl.model import (
-    VISION_NORM_EPS,
-    PatchEmbed,
     PatchMerger,
     Qwen2_5_VLModel,
-    VisionAttention,
     vision_frame_cu_seqlens,
     vision_rotary_positions,
 )
+from openspeed.models.qwen2_5_vl.model import VisionBlock as Qwen2_5_VisionBlock
+from openspeed.models.qwen2_5_vl.model import VisionTransformer as Qwen2_5_VisionTransformer
 from openspeed.models.qwen2_vl.config import Qwen2VLConfig, Qwen2VLVisionConfig
-from openspeed.ops.attention import AttentionPlan, attention_plan
+from openspeed.ops.attention import attention_plan
 
 
 class VisionMLP(nn.Module):
@@ -45,58 +43,29 @@ class VisionMLP(nn.Module):
         return f"act={self.act_name}"
 
 
-class VisionBlock(nn.Module):
-    """Pre-LayerNorm transformer block of the vision tower."""
+class VisionBlock(Qwen2_5_VisionBlock):
+    """Pre-LayerNorm transformer block of the vision tower (the attention is Qwen2.5-VL's)."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
-        self.attn = VisionAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
-        self.mlp = VisionMLP(cfg)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        plan: AttentionPlan | None = None,
-    ) -> torch.Tensor:
-        """``x``: (num_patches, hidden); attention stays inside each ``cu_seqlens`` segment (a frame)."""
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, plan=plan)
-        return x + self.mlp(self.norm2(x))
+    norm_layer = nn.LayerNorm
+    mlp_layer = VisionMLP
 
 
 class VisionPatchMerger(PatchMerger):
     """Qwen2.5-VL's merger with a LayerNorm in front (concatenate each merge block, Linear-GELU-Linear)."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
-        super().__init__(cfg)
-        self.ln_q = nn.LayerNorm(cfg.hidden_size, eps=VISION_NORM_EPS)
+    norm_layer = nn.LayerNorm
 
 
-class VisionTransformer(nn.Module):
-    """Qwen2-VL vision tower: every block attends over the whole frame its patch belongs to."""
+class VisionTransformer(Qwen2_5_VisionTransformer):
+    """Qwen2-VL vision tower: Qwen2.5-VL's built of the blocks above, every block attending over the
+    whole frame its patch belongs to (no windows, so no reordering)."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
-        self.rotary_pos_emb = VisionRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
-        self.merger = VisionPatchMerger(cfg)
+    block = VisionBlock
+    merger_cls = VisionPatchMerger
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Encode packed patches of all images/videos in ``grid_thw`` order.
-
-        Args:
-            pixel_values: (sum t*h*w, C*T*P*P), patches in the processor's merge-block order.
-            grid_thw: (n, 3) patch grid of each image/video.
-
-        Returns:
-            (sum t*h*w / merge^2, out_hidden): one embedding per merged token, in input order.
-        """
+        """(sum t*h*w, C*T*P*P) patches of the images / videos of ``grid_thw`` -> one embedding per
+        merged token, in input order (the call of Qwen2.5-VL's tower)."""
         grid_cpu = grid_thw.cpu()
         cu_frames = vision_frame_cu_seqlens(grid_cpu)
         positions = vision_rotary_positions(grid_cpu, self.cfg.spatial_merge_size)
