@@ -122,6 +122,11 @@ class TextConfig:
         """Channels per attention head."""
         return self.hidden_size // self.num_attention_heads
 
+    # Which projections carry a bias (Qwen2: q, k and v only); read by the shared decoder.
+    qkv_bias: ClassVar[bool] = True
+    o_bias: ClassVar[bool] = False
+    mlp_bias: ClassVar[bool] = False
+
 
 @dataclass
 class Qwen2_5_VLConfig:

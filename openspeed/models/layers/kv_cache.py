@@ -1,4 +1,4 @@
-"""Key/value cache for incremental decoding with the native Qwen2.5-VL decoder.
+"""Key/value cache for incremental decoding with the shared decoder (:mod:`openspeed.models.layers.decoder`).
 
 A :class:`KVCache` holds, for every decoder layer, the rotated keys and the values of every token seen
 so far, laid out ``(batch, kv_heads, length, head_dim)`` like the attention inputs. It also holds the
