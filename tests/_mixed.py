@@ -50,9 +50,11 @@ def _record(kind: str, source: dict, index: int, root: str, data_dir: str) -> di
     return record
 
 
-def write_mixed_set(shapes_dir: str, root: str) -> str:
+def write_mixed_set(shapes_dir: str, root: str, images_only: bool = False) -> str:
     """A 40-sample set under ``root`` drawn from the shapes set, laid out so each step meets
-    :data:`PLAN`; returns the path of a 5-step training config over it (no validation set)."""
+    :data:`PLAN`; returns the path of a 5-step training config over it (no validation set).
+    ``images_only`` (a family without video): each video sample is text-only instead and each image
+    and video sample an image one, so rank 0's first step still has no image."""
     with open(os.path.join(shapes_dir, "train.jsonl"), encoding="utf-8") as fh:
         sources = [json.loads(line) for line in fh]
     num = GLOBAL_BATCH * len(PLAN)
@@ -60,7 +62,7 @@ def write_mixed_set(shapes_dir: str, root: str) -> str:
     kinds: dict[int, str] = {}
     for step, letters in enumerate(PLAN, start=1):
         for index, kind in zip(schedule.global_batch(step), letters, strict=True):
-            kinds[index] = kind
+            kinds[index] = {"V": "T", "B": "I"}.get(kind, kind) if images_only else kind
     assert sorted(kinds) == list(range(num))  # every sample is used exactly once in the 5 steps
     records = [_record(kinds[i], sources[i], i, root, shapes_dir) for i in range(num)]
     train = os.path.join(root, "train.jsonl")

@@ -25,6 +25,9 @@ def _entry(rank: int, world: int, port: int, fn, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, out_dir)
+        # Every rank done before any tears the group down: a rank destroying it while a peer's gloo
+        # threads still talk to it can abort that peer ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise

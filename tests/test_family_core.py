@@ -146,7 +146,7 @@ def test_family_keys_parts_and_refusals(shapes_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"^data.generate_text_layers: the moving_shapes generator does not read it$"):
         load_config(None, ["data.generate=moving_shapes", "data.generate_text_layers=3",
                            f"model.path={tmp_path}/none"])
-    with pytest.raises(ConfigError, match=r"^data.generate: unknown generator 'nope' \(known: moving_shapes, qwen2_vl_shapes, shapes\)$"):
+    with pytest.raises(ConfigError, match=r"^data.generate: unknown generator 'nope' \(known: llava_shapes, moving_shapes, qwen2_vl_shapes, shapes\)$"):
         load_config(None, ["data.generate=nope"])
     wan = load_config(None, ["data.generate=moving_shapes", f"model.path={tmp_path}/none", "data.text_len=6",
                              "train.flow_shift=2", "model.freeze=head,blocks"])

@@ -16,18 +16,25 @@ import os
 
 import pytest
 import torch
-from _mixed import write_mixed_set
 from _qwen_tiny import IMAGE_BATCH, IMAGE_ID, PAD_ID, TEXT_BATCH, VIDEO_BATCH, VIDEO_ID, make_batch, perturb
 from _runs import plain_process  # noqa: F401  (autouse: in-process CLI calls print their errors here)
-from _train_utils import assert_curves_close, make_tiny_run_config, run_train, train_curve, write_base_model
+from _vlm_family import (
+    ATOL,
+    check_eval_and_chat,
+    check_freezing,
+    check_hf_export,
+    check_layout,
+    check_lora_peft,
+    left_pad,
+    mixed_reference,
+    shapes_set,
+)
 
 import openspeed
 from openspeed.cli import main
 from openspeed.models.qwen2_vl.config import Qwen2VLConfig
 
-ATOL = 1e-4
 BATCHES = {"image": IMAGE_BATCH, "video": VIDEO_BATCH, "text": TEXT_BATCH, "unpadded": IMAGE_BATCH[1:]}
-LORA = {"rank": 4, "alpha": 8, "dropout": 0.0}
 
 
 def hf_config(tie_word_embeddings: bool = False):
@@ -184,7 +191,7 @@ def test_hf_generate_matches(saved):
         [("text", 3), ("image", [1, 6, 10]), ("text", 2), ("image", [1, 4, 4]), ("text", 3)],
         [("text", 2), ("video", [2, 4, 6], 1.0), ("text", 5)],
     ]
-    right = _left_pad(make_batch(prompts, seed=5))
+    right = left_pad(make_batch(prompts, seed=5), PAD_ID)
     right.pop("labels")
     right.pop("second_per_grid_ts")
     never = 199
@@ -194,33 +201,12 @@ def test_hf_generate_matches(saved):
     assert greedy_generate(native, right, 6, never, PAD_ID) == theirs
 
 
-def _left_pad(batch: dict) -> dict:
-    mask = batch["attention_mask"]
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "labels"):
-        rows = []
-        for row, m in zip(batch[key], mask):
-            n = int(m.sum())
-            fill = PAD_ID if key == "input_ids" else (-100 if key == "labels" else 0)
-            rows.append(torch.cat([torch.full((len(row) - n,), fill, dtype=row.dtype), row[:n]]))
-        out[key] = torch.stack(rows)
-    return out
-
-
 def test_freezing_each_part(saved):
     from openspeed.models.registry import get_model_spec
-    from openspeed.training.model_setup import apply_freeze
 
     _, native, _ = saved
-    spec = get_model_spec("qwen2_vl")
-    names = [n for n, _ in native.named_parameters()]
-    assert {spec.part_of(n) for n in names} == {"vision", "merger", "llm"}
-    for part in ("vision", "merger", "llm"):
-        model = spec.build(native.config)
-        apply_freeze(model, spec, [part])
-        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-        assert frozen == {n for n in names if spec.part_of(n) == part}
-        assert all(n.startswith("visual.merger.") for n in frozen) == (part == "merger")
+    check_freezing(lambda: get_model_spec("qwen2_vl").build(native.config), get_model_spec("qwen2_vl"),
+                   ("vision", "merger", "llm"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,9 +216,7 @@ def test_freezing_each_part(saved):
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("qwen2_vl_shapes"))
-    assert main(["data", "shapes", "--family", "qwen2_vl", "--out", out, "--num", "48"]) == 0
-    return out
+    return shapes_set("qwen2_vl", str(tmp_path_factory.mktemp("qwen2_vl_shapes")))
 
 
 def test_shapes_model_dir_and_processor(shapes, capsys):
@@ -247,8 +231,7 @@ def test_shapes_model_dir_and_processor(shapes, capsys):
 
     model_dir = os.path.join(shapes, "model")
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    assert config["model_type"] == "qwen2_vl" and HFConfig(**config).vision_config.hidden_act == "quick_gelu"
+        assert HFConfig(**json.load(fh)).vision_config.hidden_act == "quick_gelu"
     processor = VLProcessor.from_pretrained(model_dir)
     with open(os.path.join(model_dir, "preprocessor_config.json"), encoding="utf-8") as fh:
         keys = json.load(fh)
@@ -265,19 +248,13 @@ def test_shapes_model_dir_and_processor(shapes, capsys):
 
     assert main(["data", "shapes", "--family", "wan", "--out", os.path.join(shapes, "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("wan cannot train on the shapes set (families that can: qwen2_5_vl, qwen2_vl)")
+    assert err[-1].endswith("wan cannot train on the shapes set (families that can: llava, qwen2_5_vl, qwen2_vl)")
 
 
 @pytest.fixture(scope="module")
 def mixed_run(shapes, tmp_path_factory):
     """(config, run dir, curve): one process, 5 fp32 steps over mixed text / image / video batches."""
-    root = str(tmp_path_factory.mktemp("qwen2_vl_mixed"))
-    config = write_mixed_set(shapes, root)
-    run_dir = os.path.join(root, "one")
-    result = run_train(config, "train.run_dir=" + run_dir, "checkpoint.save_final=true")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped samples: 0" in result.stderr
-    return config, run_dir, train_curve(run_dir)
+    return mixed_reference(shapes, str(tmp_path_factory.mktemp("qwen2_vl_mixed")))
 
 
 LAYOUTS = {
@@ -290,100 +267,21 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS.values()), ids=list(LAYOUTS))
 def test_layouts_match_one_process(layout, mixed_run, tmp_path):
     config, _, reference = mixed_run
-    run_dir = str(tmp_path / "run")
-    result = run_train(config, "--nproc", "2", *layout.split(), "train.run_dir=" + run_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_curves_close(train_curve(run_dir), reference)
-    assert reference[5][0] < reference[1][0]
-
-
-def _shapes_batch(shapes: str, n: int = 3) -> dict:
-    from openspeed.data.collator import VLCollator
-    from openspeed.data.conversation import ConversationDataset
-    from openspeed.data.processor import VLProcessor
-
-    processor = VLProcessor.from_pretrained(os.path.join(shapes, "model"))
-    dataset = ConversationDataset(os.path.join(shapes, "train.jsonl"), processor, max_seq_len=256)
-    full = VLCollator(processor.pad_token_id, processor.image_token_id, processor.video_token_id)(
-        [dataset[i] for i in range(n)]
-    )
-    return {k: full[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
-
-
-def _real_logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits[batch["attention_mask"].bool()]
+    check_layout(config, reference, layout, str(tmp_path / "run"))
 
 
 def test_hf_export_loads_in_transformers(mixed_run, shapes, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from openspeed.training.run_loading import load_trained
-
-    _, run_dir, _ = mixed_run
-    assert main(["convert", run_dir, "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
-    hf, info = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32,
-                                                               output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    batch = _shapes_batch(shapes)
-    diff = (_real_logits(hf.eval(), batch) - _real_logits(load_trained(run_dir).model, batch)).abs().max()
-    print(f"convert --to hf: max |logit diff| vs the native run {diff:.2e}")
-    assert diff < ATOL
+    check_hf_export(mixed_run[1], shapes, str(tmp_path / "hf"), Qwen2VLForConditionalGeneration, dict)
 
 
 def test_eval_and_chat_on_the_run(mixed_run, shapes, tmp_path):
-    from openspeed.data.collator import VLCollator
-    from openspeed.data.processor import VLProcessor
-    from openspeed.inference.chat import answer_one
-    from openspeed.inference.generate import build_prompt_sample, greedy_generate
-    from openspeed.training.run_loading import load_trained
-
-    _, run_dir, _ = mixed_run
-    out = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", run_dir, "--data", os.path.join(shapes, "eval.tsv"), "--out", str(out),
-                 "--max-new-tokens", "4"]) == 0
-    summary = json.loads((out / "results.json").read_text())
-    assert summary["n"] == 5 and summary["step"] == 5 and summary["skipped"] == 0
-
-    trained = load_trained(run_dir)
-    processor = VLProcessor.from_pretrained(os.path.join(shapes, "model"))
-    image = os.path.join(shapes, "images", "000001.png")
-    question = "What colour is the shape?"
-    sample = build_prompt_sample(processor, [{"role": "user", "content": "<image>" + question}], [image])
-    collate = VLCollator(processor.pad_token_id, processor.image_token_id, processor.video_token_id)
-    tokens = greedy_generate(trained.model, collate([sample]), 6, processor.eos_token_id, processor.pad_token_id)
-    expected = processor.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
-    assert answer_one(run_dir, question, [image], max_new_tokens=6) == expected
+    check_eval_and_chat(mixed_run[1], shapes, str(tmp_path / "eval"))
 
 
 def test_lora_adapter_loads_in_peft(shapes, tmp_path):
-    from peft import PeftModel
     from transformers import Qwen2VLForConditionalGeneration
 
-    from openspeed.training.run_loading import load_lora_run
-
-    base = write_base_model(shapes, str(tmp_path / "base"))
-    config = make_tiny_run_config(
-        str(tmp_path), shapes, model={"path": base, "rope_theta": None, "lora": dict(LORA)},
-        optim={"lr": 2e-2, "warmup_steps": 1}, data={"val_path": ""},
-        train={"micro_batch_size": 2, "global_batch_size": 4}, checkpoint={"interval": 0, "save_final": True},
-    )
-    result = run_train(config)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = str(tmp_path / "run")
-    curve = train_curve(run_dir)
-    assert curve[5][0] < curve[1][0]
-
-    assert main(["convert", run_dir, "--to", "peft", "--out", str(tmp_path / "peft")]) == 0
-    adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert "model.visual.blocks.0.attn.qkv" in adapter["target_modules"]
-    assert "model.language_model.layers.0.mlp.gate_proj" in adapter["target_modules"]
-    batch = _shapes_batch(shapes)
-    hf_base = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=torch.float32).eval()
-    base_logits = _real_logits(hf_base, batch)
-    peft_model = PeftModel.from_pretrained(hf_base, str(tmp_path / "peft")).eval()
-    ours = _real_logits(load_lora_run(run_dir).model, batch)
-    moved, diff = (ours - base_logits).abs().max().item(), (ours - _real_logits(peft_model, batch)).abs().max().item()
-    print(f"LoRA vs base: {moved:.3e}; peft over transformers vs native LoRA: {diff:.3e}")
-    assert moved > 1e-3
-    assert diff < ATOL
+    check_lora_peft(shapes, str(tmp_path), Qwen2VLForConditionalGeneration,
+                    ("model.visual.blocks.0.attn.qkv", "model.language_model.layers.0.mlp.gate_proj"), dict)

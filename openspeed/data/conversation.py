@@ -7,8 +7,9 @@ A data file is a JSON list or JSONL of records such as::
      "images": ["images/0.png"], "videos": ["clips/0.mp4"]}
 
 or the ShareGPT spelling ``{"conversations": [{"from": "human", "value": ...}, ...], "system": ...}``.
-Media paths are relative to the data file. Each ``<image>``/``<video>`` tag becomes
-``<|vision_start|>`` + one pad token per merged patch + ``<|vision_end|>``. Labels are -100
+Media paths are relative to the data file. Each ``<image>``/``<video>`` tag becomes the processor's
+placeholder run (Qwen-VL: ``<|vision_start|>`` + one pad token per merged patch + ``<|vision_end|>``;
+LLaVA: one image token per feature). Labels are -100
 except on assistant replies and their closing ``<|im_end|>``.
 """
 
@@ -318,13 +319,11 @@ def expand_media_tags(
             break
         if vi < 0 or (0 <= ii < vi):
             out.append(rest[:ii])
-            n = processor.num_tokens(next(image_grids))
-            out.append("<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>")
+            out.append(processor.image_placeholder(next(image_grids)))
             rest = rest[ii + len(IMAGE_TAG) :]
         else:
             out.append(rest[:vi])
-            n = processor.num_tokens(next(video_grids))
-            out.append("<|vision_start|>" + "<|video_pad|>" * n + "<|vision_end|>")
+            out.append(processor.video_placeholder(next(video_grids)))
             rest = rest[vi + len(VIDEO_TAG) :]
     return "".join(out)
 

@@ -132,12 +132,12 @@ class VLProcessor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> VLProcessor:
-        """Load the tokenizer and ``preprocessor_config.json`` settings from ``model_dir``."""
-        from transformers import AutoTokenizer
+        """Load the tokenizer and ``preprocessor_config.json`` settings from ``model_dir``.
 
-        # The PIL backend is the Qwen2-VL image processor class that needs no torchvision.
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
+        The directory's ``image_processor_type`` chooses the image side: the Qwen2-VL patching
+        (Qwen2-VL, Qwen2.5-VL), or a fixed-size CLIP-style image with one placeholder token per
+        feature (``LlavaImageProcessor``, ``CLIPImageProcessor``: :class:`ImageTokenProcessor`).
+        """
         path = Path(model_dir)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
@@ -148,6 +148,17 @@ class VLProcessor:
             settings = json.loads(pre_cfg.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"unreadable {pre_cfg}: {e}") from e
+        kind = str(settings.get("image_processor_type", "Qwen2VLImageProcessor")).removesuffix("Fast")
+        kind = kind.removesuffix("Pil")
+        if kind in ImageTokenProcessor.PROCESSORS:
+            return ImageTokenProcessor.load(path, kind, settings)
+        if kind != "Qwen2VLImageProcessor":
+            known = ", ".join(sorted({"Qwen2VLImageProcessor", *ImageTokenProcessor.PROCESSORS}))
+            raise CheckpointError(f"{pre_cfg}: image processor {kind} is not supported (known: {known})")
+        from transformers import AutoTokenizer
+
+        # The PIL backend is the Qwen2-VL image processor class that needs no torchvision.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         # Only pass keys the processor understands; hub files carry extras such as processor_class.
         keep = {
             "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
@@ -212,6 +223,14 @@ class VLProcessor:
         """Placeholder tokens for one image/video grid: t*h*w / merge_size²."""
         t, h, w = (int(x) for x in grid_thw)
         return t * h * w // (self._merge_size**2)
+
+    def image_placeholder(self, grid_thw) -> str:
+        """The text an ``<image>`` tag of this grid becomes."""
+        return "<|vision_start|>" + "<|image_pad|>" * self.num_tokens(grid_thw) + "<|vision_end|>"
+
+    def video_placeholder(self, grid_thw) -> str:
+        """The text a ``<video>`` tag of this grid becomes."""
+        return "<|vision_start|>" + "<|video_pad|>" * self.num_tokens(grid_thw) + "<|vision_end|>"
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -411,3 +430,87 @@ class VLProcessor:
             raise BadSampleError("corrupt_media", f"no frames decoded from {path}")
         # A header count can overstate what decodes; rate follows what was actually kept.
         return frames, native * len(frames) / total
+
+
+class ImageTokenProcessor(VLProcessor):
+    """Tokenizer plus a fixed-size image processor whose images become a run of one placeholder
+    token per vision feature (LLaVA).
+
+    ``pixel_values`` rows are whole images, flattened channels-first (``[n, C*H*W]``), so batches
+    concatenate as the Qwen-VL patches do; ``image_grid_thw`` is ``[1, 1, 1]`` per image (one row).
+    The pixels are those of transformers' image processor (``LlavaImageProcessor`` pads each image to
+    a square with the mean colour first; ``CLIPImageProcessor`` resizes the shortest edge and
+    crops the centre). Videos are not taken: a sample with one is skipped.
+    """
+
+    PROCESSORS = ("LlavaImageProcessor", "CLIPImageProcessor")
+
+    def __init__(self, tokenizer, image_processor, image_token: str, tokens_per_image: int):  # noqa: D107
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = image_token
+        self.tokens_per_image = int(tokens_per_image)
+        self._merge_size = 1
+
+    @classmethod
+    def load(cls, path: Path, kind: str, settings: dict) -> ImageTokenProcessor:
+        """Build from ``path``'s tokenizer, ``preprocessor_config.json`` (``settings``) and the
+        ``config.json`` that says which token stands for an image and how many features it gives."""
+        from transformers import AutoTokenizer
+
+        if kind == "LlavaImageProcessor":
+            from transformers.models.llava.image_processing_pil_llava import (
+                LlavaImageProcessorPil as Processor,
+            )
+        else:
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+        keep = {"do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                "do_normalize", "image_mean", "image_std", "do_convert_rgb", "do_pad"}
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            vision = config["vision_config"]
+            image_token_id = int(config.get("image_token_index", config.get("image_token_id")))
+            side = int(vision["image_size"]) // int(vision["patch_size"])
+            tokens = side * side + (config.get("vision_feature_select_strategy", "default") == "full")
+            image_processor = Processor(**{k: v for k, v in settings.items() if k in keep})
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot load processor from {path}: {e}") from e
+        crop = image_processor.crop_size
+        crop = (int(crop.height), int(crop.width)) if hasattr(crop, "height") else (int(crop), int(crop))
+        if crop != (int(vision["image_size"]),) * 2:
+            raise CheckpointError(f"{path}: the image processor crops {crop[0]}x{crop[1]} but the vision tower "
+                                  f"takes {vision['image_size']}x{vision['image_size']}")
+        token = tokenizer.convert_ids_to_tokens(image_token_id)
+        if token is None or tokenizer.convert_tokens_to_ids(token) != image_token_id:
+            raise CheckpointError(f"{path}: the tokenizer has no token with the image id {image_token_id}")
+        return cls(tokenizer, image_processor, token, tokens)
+
+    @property
+    def image_token_id(self) -> int:
+        return self._token_id(self.image_token)
+
+    @property
+    def video_token_id(self) -> int:
+        """No video token: -1 matches no id."""
+        return -1
+
+    def num_tokens(self, grid_thw) -> int:
+        return self.tokens_per_image
+
+    def image_placeholder(self, grid_thw) -> str:
+        return self.image_token * self.tokens_per_image
+
+    def video_placeholder(self, grid_thw) -> str:
+        raise ValueError("this model takes no videos")
+
+    def process_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` float32 ``[n, C*H*W]`` (transformers' processor's values, flattened) and
+        ``image_grid_thw`` ``[n, 3]`` of ones."""
+        if not images:
+            raise ValueError("process_images needs at least one image")
+        pixels = self.image_processor([to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+        return pixels.float().flatten(1), torch.ones(len(images), 3, dtype=torch.long)
+
+    def process_video(self, frames, fps):
+        raise ValueError("this model takes no videos")

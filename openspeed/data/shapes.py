@@ -212,7 +212,7 @@ def write_tiny_model_dir(
     vocab_multiple: int = 64,
     text_config_overrides: dict[str, Any] | None = None,
     vision_config_overrides: dict[str, Any] | None = None,
-    config_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    config_transform: Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None,
 ) -> Path:
     """Write a weightless Hugging Face-format Qwen2.5-VL model directory.
 
@@ -222,8 +222,9 @@ def write_tiny_model_dir(
     ``preprocessor_config.json`` for the Qwen2-VL image processor. The text vocabulary is the
     tokenizer size rounded up to ``vocab_multiple``. ``*_overrides`` are merged into the nested
     configs last, for keys without a dedicated argument. ``config_transform`` turns that Qwen2.5-VL
-    ``config.json`` into another family's (a family's ``shapes_config``, e.g. Qwen2-VL's) before it
-    is written. Returns the directory.
+    ``config.json`` and ``preprocessor_config.json`` into another family's (a family's
+    ``shapes_config``: ``(config, preprocessor) -> (config, preprocessor)``) before they are
+    written. Returns the directory.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,9 +304,27 @@ def write_tiny_model_dir(
         "tie_word_embeddings": tie_word_embeddings,
         "dtype": "float32",
     }
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "resample": 3,  # bicubic, as the released Qwen2-VL processors use
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+        "do_convert_rgb": True,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": patch_size,
+        "temporal_patch_size": temporal_patch_size,
+        "merge_size": spatial_merge_size,
+    }
     if config_transform is not None:
-        config = config_transform(config)
+        config, preprocessor = config_transform(config, preprocessor)
     _write_json(out / "config.json", config)
+    _write_json(out / "preprocessor_config.json", preprocessor)
     _write_json(
         out / "generation_config.json",
         {
@@ -340,26 +359,6 @@ def write_tiny_model_dir(
                 for tok in SPECIAL_TOKENS
             },
             "chat_template": QWEN_VL_CHAT_TEMPLATE,
-        },
-    )
-    _write_json(
-        out / "preprocessor_config.json",
-        {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "do_resize": True,
-            "resample": 3,  # bicubic, as the released Qwen2-VL processors use
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(CLIP_MEAN),
-            "image_std": list(CLIP_STD),
-            "do_convert_rgb": True,
-            "min_pixels": min_pixels,
-            "max_pixels": max_pixels,
-            "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-            "patch_size": patch_size,
-            "temporal_patch_size": temporal_patch_size,
-            "merge_size": spatial_merge_size,
         },
     )
     return out
@@ -498,7 +497,7 @@ def make_shapes_dataset(
     grid_size: int = 2,
     max_shapes: int = 3,
     train_turns: int = 1,
-    config_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    config_transform: Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Generate the synthetic shapes VQA set: ``num`` images with one question each.
 

@@ -77,10 +77,10 @@ class Family:
         commands: top-level verbs (``openspeed generate``).
         data_commands: ``openspeed data`` sub-commands.
         check: ``(run_config) -> None``; combinations the family refuses, checked once it is bound.
-        shapes_config: ``(config.json dict) -> config.json dict``: this family's tiny model for the
-            synthetic shapes VQA set, from the Qwen2.5-VL-layout one the set's writer builds around
-            its tokenizer (``openspeed data shapes --family NAME``); ``None``: the family cannot
-            train on that set.
+        shapes_config: ``(config, preprocessor) -> (config, preprocessor)``: this family's tiny model
+            for the synthetic shapes VQA set (``config.json`` and ``preprocessor_config.json`` dicts),
+            from the Qwen2.5-VL ones the set's writer builds around its tokenizer
+            (``openspeed data shapes --family NAME``); ``None``: the family cannot train on that set.
     """
 
     name: str
@@ -95,7 +95,7 @@ class Family:
     commands: tuple[Command, ...] = ()
     data_commands: tuple[Command, ...] = ()
     check: Callable[[Any], None] | None = None
-    shapes_config: Callable[[dict], dict] | None = None
+    shapes_config: Callable[[dict, dict], tuple[dict, dict]] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -14,9 +14,9 @@ from openspeed.models.families import Command
 SHAPES_KEYS = ("generate_turns", "generate_val_num", "generate_text_layers", "generate_vision_width")
 
 
-def shapes_config(base: dict) -> dict:
-    """The shapes set's tiny ``config.json``: the set writes Qwen2.5-VL's layout, so as it is."""
-    return base
+def shapes_config(config: dict, preprocessor: dict) -> tuple[dict, dict]:
+    """The shapes set's tiny model files: the set writes Qwen2.5-VL's, so as they are."""
+    return config, preprocessor
 
 
 def prepare_shapes(cfg, config_transform=shapes_config) -> None:

@@ -148,6 +148,8 @@ class Qwen2_5_VLConfig:
 
     MODEL_TYPE: ClassVar[str] = MODEL_TYPE
     HF_ARCHITECTURE: ClassVar[str] = HF_ARCHITECTURE
+    # Vision tokens take 3-D (temporal, height, width) M-RoPE positions; False: every token 1-D.
+    ROPE_3D: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size != self.text.hidden_size:

@@ -283,11 +283,12 @@ def mrope_position_ids(
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(3, batch, seq) positions: the given ones (2-D ones repeated), 3-D M-RoPE when a grid is
-    given (see :func:`get_rope_index`), else ``0..seq-1`` counted over the real tokens of
+    given and the family numbers its vision tokens in 3-D (``cfg.ROPE_3D``; LLaVA does not), else
+    ``0..seq-1`` counted over the real tokens of
     ``attention_mask``. With ``cu_seqlens`` (a packed row) the computed positions restart at every
     segment, as if each segment were a row of its own."""
     if position_ids is None:
-        if image_grid_thw is not None or video_grid_thw is not None:
+        if cfg.ROPE_3D and (image_grid_thw is not None or video_grid_thw is not None):
             if mm_token_type_ids is None:
                 mm_token_type_ids = mm_token_type_ids_from_input_ids(
                     input_ids, cfg.image_token_id, cfg.video_token_id

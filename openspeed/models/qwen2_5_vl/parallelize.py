@@ -86,7 +86,7 @@ def _vision_plan(model: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
-def _text_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+def text_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """The decoder's plan; a pipeline stage gets the parts it holds (it keeps the full model's names)."""
     sp = sequence_parallel
     text = model.language_model
@@ -121,7 +121,8 @@ def _text_plan(model: nn.Module, sequence_parallel: bool) -> dict[str, ParallelS
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, *,
+                          vision_plan=_vision_plan, check=check_tensor_parallel_sizes) -> nn.Module:
     """Split a Qwen2.5-VL model (meta or materialised) over the 1-D ``tp_mesh``, in place.
 
     Every parameter becomes a DTensor on ``tp_mesh`` (split ones ``Shard``, the rest ``Replicate``)
@@ -136,9 +137,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     Also takes a pipeline stage module (``pipeline.Qwen2_5_VLStage``): only the parts it holds are
     planned, and a stage without ``lm_head`` returns plain full hidden states under sequence
     parallelism (what goes to the next stage).
+
+    ``vision_plan`` (model -> plan of the vision side) and ``check`` (config, tp) are another
+    family's when it shares this decoder (LLaVA).
     """
-    check_tensor_parallel_sizes(model.config, tp_mesh.size())
-    plan = {**_vision_plan(model), **_text_plan(model, sequence_parallel)}
+    check(model.config, tp_mesh.size())
+    plan = {**vision_plan(model), **text_plan(model, sequence_parallel)}
     if lora_modules(model):
         # Adapted layers (model.lora) keep their base layer's layout; the adapters split beside it.
         plan = lora_plan(model, plan)
@@ -152,7 +156,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     return model
 
 
-def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
+def apply_context_parallel(model: nn.Module, cp: ContextParallel, split_vision: bool = True) -> nn.Module:
     """Split the language model's sequence and the vision tower's patches over the cp group, in place
     (hooks; no model change).
 
@@ -176,6 +180,8 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
         return bound
 
     shard_inputs(model, cp, {"shift_labels": 1}, transform=to_targets)
+    if not split_vision:
+        return model
 
     # The vision tower's patches (all images of the batch, packed) split with Ulysses: its blocks
     # are per-token except attention, whose windows / frames come from the global cu_seqlens.
@@ -192,18 +198,22 @@ def apply_context_parallel(model: nn.Module, cp: ContextParallel) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
+def parallelize(model: nn.Module, dims: ParallelDims, cfg, *, vision_plan=_vision_plan,
+                check=check_tensor_parallel_sizes, split_vision: bool = True, memory=memory_plan) -> nn.Module:
     """Apply the run's parallel layout to a Qwen2.5-VL model built on the meta device.
 
     LoRA adapters, when the run has them, are already in the model: tensor parallel splits them with
-    their base layers and FSDP2 shards them like every other parameter of their block.
+    their base layers and FSDP2 shards them like every other parameter of their block. The keyword
+    arguments let a family that shares the decoder bring its vision side (LLaVA): its tensor-parallel
+    plan and size check, whether context parallelism splits it, and its memory plan.
     """
     if dims.sizes.get("tp", 1) > 1:
-        apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel))
+        apply_tensor_parallel(model, dims.mesh["tp"], bool(cfg.parallel.sequence_parallel),
+                              vision_plan=vision_plan, check=check)
     if dims.cp_size > 1:
-        apply_context_parallel(model, dims.context_parallel())
+        apply_context_parallel(model, dims.context_parallel(), split_vision=split_vision)
     if getattr(cfg, "memory", None) is not None:
-        apply_memory_config(model, cfg.memory, memory_plan(model))
+        apply_memory_config(model, cfg.memory, memory(model))
     if dims.fsdp_enabled:
         # One FSDP unit per transformer block (vision and language), the root keeps the rest:
         # patch embed, merger, embeddings, final norm and head.

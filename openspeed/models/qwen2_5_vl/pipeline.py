@@ -200,13 +200,12 @@ class Qwen2_5_VLStage(nn.Module):
     returns logits.
     """
 
-    # The first stage embeds exactly as the full model does: reuse its code on this module (the
-    # attribute names it reads, ``config``/``visual``/``language_model.embed_tokens``, are the same).
-    embed_inputs = Qwen2_5_VLModel.embed_inputs
-    scatter_vision = Qwen2_5_VLModel.scatter_vision
-
     def __init__(self, model: Qwen2_5_VLModel, stage_index: int, num_stages: int, layer_ids: range) -> None:
         super().__init__()
+        # The first stage embeds exactly as the full model does: its class's code runs on this module
+        # (the attribute names it reads, ``config``/``visual``/``language_model.embed_tokens``, are
+        # the same), whichever family's model it is (LLaVA scatters its images its own way).
+        self._model_class = type(model)
         self.config = model.config
         self.stage_index = stage_index
         self.num_stages = num_stages
@@ -235,6 +234,12 @@ class Qwen2_5_VLStage(nn.Module):
             embed = self.language_model.embed_tokens.weight
             if self.lm_head.weight is not embed:
                 self.lm_head.weight = embed
+
+    def embed_inputs(self, *args, **kwargs):
+        return self._model_class.embed_inputs(self, *args, **kwargs)
+
+    def scatter_vision(self, *args, **kwargs):
+        return self._model_class.scatter_vision(self, *args, **kwargs)
 
     def fsdp_blocks(self) -> list[nn.Module]:
         """The units to shard one by one (this stage's vision and decoder blocks); the rest stays in the root."""

@@ -10,10 +10,10 @@ from openspeed.models.qwen2_5_vl import commands as qwen2_5_vl_commands
 SHAPES_KEYS = qwen2_5_vl_commands.SHAPES_KEYS
 
 
-def shapes_config(base: dict[str, Any]) -> dict[str, Any]:
+def shapes_config(base: dict[str, Any], preprocessor: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shapes set's tiny ``config.json`` (Qwen2.5-VL layout) as a Qwen2-VL one: same decoder and
     tokens; the vision tower keeps its width, depth, heads and patching, with a QuickGELU MLP of the
-    same width and full attention (no windows)."""
+    same width and full attention (no windows). The image processor is the same."""
     vision = base["vision_config"]
     width, mlp = vision["hidden_size"], vision["intermediate_size"]
     if mlp % width:
@@ -37,7 +37,7 @@ def shapes_config(base: dict[str, Any]) -> dict[str, Any]:
             "hidden_act": "quick_gelu",
             "initializer_range": vision["initializer_range"],
         },
-    }
+    }, preprocessor
 
 
 def prepare_shapes(cfg) -> None:
