@@ -144,8 +144,11 @@ class LlavaVision(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        """The tower's transformer layers (the units FSDP shards one by one)."""
-        return self.vision_tower.encoder.layers
+        """The tower's layers that run (up to the last selected feature layer): the units FSDP shards
+        one by one and recompute wraps. A layer after it never runs, so it stays with the root's
+        parameters (gathered every step), as ``post_layernorm`` does: an FSDP unit of its own would
+        never be gathered, and its backward bookkeeping would fail."""
+        return self.vision_tower.encoder.layers[: max(self.cfg.feature_layers)]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, C, H, W) or flat (images, C*H*W) -> (images * tokens_per_image, text hidden)."""

@@ -44,7 +44,7 @@ def vision_plan(model: nn.Module) -> dict[str, ParallelStyle]:
         f"{TOWER}.pre_layrnorm": ReplicateParallel(),
         f"{TOWER}.post_layernorm": ReplicateParallel(),
     }
-    for i in range(len(model.visual.blocks)):
+    for i in range(len(model.visual.vision_tower.encoder.layers)):  # every layer, run or not
         layer = f"{TOWER}.encoder.layers.{i}"
         plan[f"{layer}.layer_norm1"] = ReplicateParallel()
         plan[f"{layer}.layer_norm2"] = ReplicateParallel()
