@@ -8,13 +8,13 @@ from typing import Any
 from openspeed.models.qwen2_5_vl import commands as qwen2_5_vl_commands
 
 SHAPES_KEYS = qwen2_5_vl_commands.SHAPES_KEYS
-IMAGE_SIZE = 112  # the shapes images' size: no resize, one 8 x 8 grid of 14-pixel patches
-PATCH_SIZE = 14
+IMAGE_SIZE = 112  # the shapes images' size: no resize
+PATCH_SIZE = 14  # an 8 x 8 grid of patches per image: 64 image tokens
 
 
 def shapes_config(base: dict[str, Any], preprocessor: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shapes set's tiny model as LLaVA-1.5's layout: the same decoder sizes as a Llama (1-D RoPE,
-    no biases), a CLIP tower of the Qwen tower's width and heads (twice its depth) at 112 px, a GELU projector,
+    no biases), a CLIP tower of the Qwen tower's width and heads and depth at 112 px, a GELU projector,
     features from the second-to-last layer without the class token; images padded to a square with
     the mean colour, as LLaVA-1.5 does, then resized and centre-cropped. The image placeholder is the
     tokenizer's ``<|image_pad|>``."""
@@ -44,9 +44,8 @@ def shapes_config(base: dict[str, Any], preprocessor: dict[str, Any]) -> tuple[d
             "model_type": "clip_vision_model",
             "hidden_size": vision["hidden_size"],
             "intermediate_size": vision["intermediate_size"],
-            # Twice the Qwen tower's depth, as LLaVA's vision side has no merger MLP to combine
-            # neighbouring patches, plus one: the last layer is not read (feature layer -2).
-            "num_hidden_layers": 2 * vision["depth"] + 1,
+            # One layer more than the Qwen tower: the last one is not read (feature layer -2).
+            "num_hidden_layers": vision["depth"] + 1,
             "num_attention_heads": vision["num_heads"],
             "num_channels": 3,
             "image_size": IMAGE_SIZE,
