@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from _attention_cases import sequences
 from _qwen_tiny import IMAGE_BATCH, TEXT_BATCH, make_batch, native_config
 
+import openspeed.models.layers.decoder as decoder_module
+import openspeed.models.layers.kv_cache as kv_cache_module
 import openspeed.models.qwen2_5_vl.model as qwen_model
 import openspeed.ops.attention as attn_module
 from openspeed.ops.attention import attention, attention_plan
@@ -256,7 +258,9 @@ def test_model_forward_builds_its_plans_once(monkeypatch, request, batch_name, f
         built.append(kwargs)
         return attention_plan(**kwargs)
 
-    monkeypatch.setattr(qwen_model, "attention_plan", counting_plan)
+    # The vision tower's plans are built in the Qwen model, the text stack's in the shared decoder.
+    for module in (qwen_model, decoder_module):
+        monkeypatch.setattr(module, "attention_plan", counting_plan)
     reads, logits = {}, {}
     for depth in (2, 4):
         model = _model(text_layers=depth, vision_depth=2 * depth)
@@ -279,7 +283,8 @@ def test_model_forward_builds_its_plans_once(monkeypatch, request, batch_name, f
                 return attn_module.attention(q, k, v, causal=causal, scale=scale,
                                              attention_mask=plan.attention_mask, cu_seqlens=plan.cu_seqlens)
 
-            patch.setattr(qwen_model, "attention", per_call)
+            for module in (qwen_model, decoder_module):
+                patch.setattr(module, "attention", per_call)
             # Same kernels on the same shapes, but two separate forwards: oneDNN may pick another code
             # path for differently aligned buffers, so equal to rounding, not bit for bit (a wrong mask
             # or segment moves these logits by ~1e-1).
@@ -297,7 +302,7 @@ def test_decode_step_reads_nothing_on_the_host(monkeypatch):
         model(**batch, kv_cache=cache)
         mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
         step = torch.tensor([[11], [12]])
-        files = (*WATCHED, qwen_model.__file__)
+        files = (*WATCHED, qwen_model.__file__, decoder_module.__file__, kv_cache_module.__file__)
         assert _count_host_reads(lambda: model(input_ids=step, attention_mask=mask, kv_cache=cache),
                                  monkeypatch, files) == 0
 

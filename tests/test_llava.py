@@ -5,8 +5,8 @@ a list of layers with it) saved sharded against ``openspeed.from_pretrained`` (l
 gradients, config, both checkpoint layouts), the FLOPs formula against torch's counter, greedy
 decoding against ``generate``, the image processors against transformers', and freezing. Through the
 CLI, on the shapes set written by ``openspeed data shapes --family llava`` laid out as mixed text /
-image batches: one process against dp_shard=2, tp=2 with sequence parallelism, pp=2 and cp=2 (5
-fp32 steps), ``convert --to hf``, ``eval``, ``chat`` and a LoRA run's peft adapter.
+image batches: one process against dp_shard=2, tp=2 with sequence parallelism, pp=2 and cp=2 with
+selective recompute (5 fp32 steps), ``convert --to hf``, ``eval``, ``chat`` and a LoRA run's peft adapter.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ LAYOUTS = {
     "dp_shard2": "parallel.dp_shard=2",
     "tp2_sp": "parallel.tp=2 parallel.sequence_parallel=true",
     "pp2": "parallel.pp=2",
-    "cp2_ring": "parallel.cp=2 parallel.cp_algo=ring",
+    "cp2_ring_selective_recompute": "parallel.cp=2 parallel.cp_algo=ring memory.recompute=selective",
 }
 
 
